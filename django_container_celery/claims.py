@@ -1,0 +1,358 @@
+"""Where a job is claimed: one atomic UPDATE that takes a waiting job for one worker.
+
+A claim moves the job to ``launching``, records the worker (``claimed_by``), a lease that
+expires, the next attempt number and the host the attempt will run on. It lives in the
+row, not in a transaction, so it survives the claiming transaction; a worker renews its
+lease while it follows the job, and a job whose lease expired may be taken over.
+
+Capacity (the global ``max_concurrent`` and each host's ``max_concurrent_jobs``) is
+checked inside the same UPDATE. On PostgreSQL every claim first takes one transaction-level
+advisory lock, so claims are serialized and each UPDATE's snapshot sees all earlier claims:
+no two workers can both take the last free slot. SQLite runs the same single statement; it
+serializes writers by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from . import states
+from .conf import app_settings
+from .models import ContainerJob, ExecutorHost
+from .states import Status
+
+# Arbitrary constant naming the app's advisory lock ("dcc" in ASCII plus a version digit).
+CLAIM_LOCK_KEY = 0x646363_01
+UNLIMITED = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLoad:
+    host_id: int
+    capacity: int
+    weight: int
+    active: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.active)
+
+
+def lease_deadline(now: datetime | None = None) -> datetime:
+    return (now or timezone.now()) + timedelta(seconds=app_settings.LEASE_SECONDS)
+
+
+def host_loads() -> list[HostLoad]:
+    """Capacity and current load of every active host, in one query."""
+    rows = ExecutorHost.objects.filter(is_active=True).values_list(
+        "id", "max_concurrent_jobs", "weight"
+    )
+    counts = dict(
+        ContainerJob.objects.filter(status__in=states.ACTIVE, assigned_host__isnull=False)
+        .values_list("assigned_host")
+        .annotate(n=_count())
+        .values_list("assigned_host", "n")
+    )
+    return [HostLoad(pk, cap, weight, counts.get(pk, 0)) for pk, cap, weight in rows]
+
+
+def _count() -> Any:
+    from django.db.models import Count
+
+    return Count("id")
+
+
+def choose_host(loads: Sequence[HostLoad]) -> int | None:
+    """The host for a job without one: most free slots weighted by the host's weight."""
+    candidates = [load for load in loads if load.free > 0]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda load: (load.free * load.weight, load.weight, -load.host_id))
+    return best.host_id
+
+
+class _ClaimSQL:
+    """Builds the claiming UPDATE for the current database."""
+
+    def __init__(self) -> None:
+        self.job = ContainerJob._meta.db_table
+        self.host = ExecutorHost._meta.db_table
+        self.postgres = connection.vendor == "postgresql"
+
+    def statuses(self, values: Iterable[str]) -> str:
+        return ", ".join(f"'{value}'" for value in sorted(values))
+
+    def update(
+        self,
+        *,
+        target: str,
+        target_params: list[Any],
+        worker_id: str,
+        default_host: int | None,
+        max_concurrent: int,
+        now: datetime,
+    ) -> tuple[str, list[Any]]:
+        """The UPDATE ... RETURNING that claims the row chosen by ``target``.
+
+        ``target`` is a SQL expression for the id to claim; the capacity checks are part of
+        the WHERE clause so the statement claims nothing when there is no room.
+        """
+        active = self.statuses(states.ACTIVE)
+        job, host = self.job, self.host
+        # The host the attempt will run on: the pinned one, else the chosen default.
+        run_host = f"COALESCE({job}.docker_host_id, %s)"
+        sql = f"""
+            UPDATE {job} SET
+                status = 'launching',
+                claimed_by = %s,
+                claimed_at = %s,
+                lease_expires_at = %s,
+                attempt = {job}.attempt + 1,
+                assigned_host_id = {run_host},
+                launched_at = NULL,
+                started_at = NULL,
+                completed_at = NULL,
+                exit_code = NULL,
+                execution_id = '',
+                updated_at = %s
+            WHERE {job}.id = ({target})
+              AND (SELECT COUNT(*) FROM {job} a WHERE a.status IN ({active})) < %s
+              AND (
+                {run_host} IS NULL
+                OR (SELECT COUNT(*) FROM {job} a
+                    WHERE a.status IN ({active}) AND a.assigned_host_id = {run_host})
+                   < (SELECT h.max_concurrent_jobs FROM {host} h
+                      WHERE h.id = {run_host} AND h.is_active)
+              )
+            RETURNING *
+        """
+        params: list[Any] = [
+            worker_id,
+            now,
+            lease_deadline(now),
+            default_host,
+            now,
+            *target_params,
+            max_concurrent,
+            default_host,
+            default_host,
+            default_host,
+        ]
+        return sql, params
+
+    def ready_ids(
+        self,
+        *,
+        now: datetime,
+        free_hosts: list[int] | None,
+        default_host: int | None,
+        exclude_ids: Sequence[Any] = (),
+        limit: int = 1,
+        lock: bool = True,
+    ) -> tuple[str, list[Any]]:
+        """SELECT of the first ready job ids, in launch order, that could run now.
+
+        ``free_hosts`` None means no ExecutorHost rows exist: every job may run.
+        """
+        waiting = self.statuses(states.WAITING)
+        sql = f"""
+            SELECT r.id FROM {self.job} r
+            WHERE r.status IN ({waiting})
+              AND r.claimed_by = ''
+              AND (r.scheduled_for IS NULL OR r.scheduled_for <= %s)
+        """
+        params: list[Any] = [now]
+        if free_hosts is not None:
+            pinned = "r.docker_host_id IN ({})".format(
+                ", ".join(["%s"] * len(free_hosts)) if free_hosts else "NULL"
+            )
+            params.extend(free_hosts)
+            if default_host is not None:
+                sql += f" AND (r.docker_host_id IS NULL OR {pinned})"
+            else:
+                sql += f" AND {pinned}"
+        if exclude_ids:
+            sql += " AND r.id NOT IN ({})".format(", ".join(["%s"] * len(exclude_ids)))
+            params.extend(_db_id(pk) for pk in exclude_ids)
+        sql += " ORDER BY r.priority DESC, r.queued_at, r.id LIMIT %s"
+        params.append(limit)
+        if lock and self.postgres:
+            sql += " FOR UPDATE SKIP LOCKED"
+        return sql, params
+
+
+def _db_id(pk: Any) -> Any:
+    """Job ids as the database driver wants them (SQLite stores UUIDs as hex)."""
+    if connection.vendor == "sqlite":
+        return ContainerJob._meta.pk.get_db_prep_value(pk, connection)
+    return pk
+
+
+def _serialize_claims() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CLAIM_LOCK_KEY])
+
+
+def _placement() -> tuple[list[int] | None, int | None]:
+    """(hosts with a free slot or None when there are no hosts, host for unpinned jobs)."""
+    loads = host_loads()
+    if not loads and not ExecutorHost.objects.exists():
+        return None, None
+    return [load.host_id for load in loads if load.free > 0], choose_host(loads)
+
+
+def _run_claim(sql: str, params: list[Any]) -> ContainerJob | None:
+    rows = list(ContainerJob.objects.raw(sql, params))
+    return rows[0] if rows else None
+
+
+def claim_next(
+    worker_id: str,
+    max_concurrent: int | None = None,
+    exclude_ids: Sequence[Any] = (),
+) -> ContainerJob | None:
+    """Claim the first ready job (priority, then FIFO) that has room to run, or None."""
+    limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
+    now = timezone.now()
+    with transaction.atomic():
+        _serialize_claims()
+        free_hosts, default_host = _placement()
+        builder = _ClaimSQL()
+        target, target_params = builder.ready_ids(
+            now=now, free_hosts=free_hosts, default_host=default_host, exclude_ids=exclude_ids
+        )
+        sql, params = builder.update(
+            target=target,
+            target_params=target_params,
+            worker_id=worker_id,
+            default_host=default_host,
+            max_concurrent=limit,
+            now=now,
+        )
+        return _run_claim(sql, params)
+
+
+def claim_job(
+    job_id: Any,
+    worker_id: str,
+    max_concurrent: int | None = None,
+    in_turn: bool = True,
+) -> ContainerJob | None:
+    """Claim this job if it is ready and there is room, else None.
+
+    With ``in_turn`` the job must also be among the first ready jobs that fill the free
+    slots, so messages that arrive out of order still start jobs by priority, then FIFO.
+    """
+    limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
+    now = timezone.now()
+    with transaction.atomic():
+        _serialize_claims()
+        free_hosts, default_host = _placement()
+        builder = _ClaimSQL()
+        if in_turn:
+            free = max(0, limit - ContainerJob.objects.active().count())
+            if free == 0:
+                return None
+            ranked, ranked_params = builder.ready_ids(
+                now=now,
+                free_hosts=free_hosts,
+                default_host=default_host,
+                limit=free,
+                lock=False,
+            )
+            target = f"SELECT t.id FROM ({ranked}) t WHERE t.id = %s"
+            target_params = [*ranked_params, _db_id(job_id)]
+        else:
+            target, target_params = builder.ready_ids(
+                now=now, free_hosts=free_hosts, default_host=default_host
+            )
+            target = target.replace("WHERE r.status", "WHERE r.id = %s AND r.status", 1)
+            target_params = [_db_id(job_id), *target_params]
+        sql, params = builder.update(
+            target=target,
+            target_params=target_params,
+            worker_id=worker_id,
+            default_host=default_host,
+            max_concurrent=limit,
+            now=now,
+        )
+        return _run_claim(sql, params)
+
+
+def eligible_ready_ids(limit: int) -> list[Any]:
+    """Ids of the first ``limit`` ready jobs that a claim would take, in claim order.
+
+    Uses the same placement rules as the claim itself, so dispatch never sends a message
+    for a job that a claim would refuse (for example one pinned to a full host).
+    """
+    if limit <= 0:
+        return []
+    free_hosts, default_host = _placement()
+    sql, params = _ClaimSQL().ready_ids(
+        now=timezone.now(),
+        free_hosts=free_hosts,
+        default_host=default_host,
+        limit=limit,
+        lock=False,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:
+    """Take a launching or running job whose lease expired; keep its attempt number.
+
+    The new owner then looks for the attempt's container by its deterministic name.
+    """
+    now = timezone.now()
+    updated = ContainerJob.objects.filter(
+        pk=job_id, status__in=states.ACTIVE, lease_expires_at__lt=now
+    ).update(claimed_by=worker_id, claimed_at=now, lease_expires_at=lease_deadline(now))
+    if not updated:
+        return None
+    job = ContainerJob.objects.get(pk=job_id)
+    # Another rescuer may have taken it between our UPDATE and this read.
+    return job if job.claimed_by == worker_id else None
+
+
+def stale_job_ids(limit: int = 100) -> list[Any]:
+    """Jobs holding a slot whose lease expired: their worker is presumed dead."""
+    return list(
+        ContainerJob.objects.filter(status__in=states.ACTIVE, lease_expires_at__lt=timezone.now())
+        .order_by("lease_expires_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+
+
+def renew_leases(worker_id: str) -> int:
+    """Extend the lease of every job this worker holds; returns how many."""
+    return ContainerJob.objects.filter(claimed_by=worker_id, status__in=states.ACTIVE).update(
+        lease_expires_at=lease_deadline()
+    )
+
+
+def renew_lease(job: ContainerJob) -> bool:
+    """Extend one job's lease while the claim (owner, attempt) is still ours."""
+    return job.update_as_claimant(lease_expires_at=lease_deadline())
+
+
+def release(job: ContainerJob, error: str = "") -> None:
+    """Give a claimed job back to the queue untouched (no container was started)."""
+    fields: dict[str, Any] = {
+        "claimed_by": "",
+        "claimed_at": None,
+        "lease_expires_at": None,
+        "assigned_host": None,
+        "dispatched_at": None,
+    }
+    if error:
+        fields.update(last_error=error, last_error_at=timezone.now())
+    job.transition_to(Status.QUEUED, as_claimant=True, **fields)

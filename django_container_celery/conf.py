@@ -1,0 +1,84 @@
+"""Every setting of the app, read from the ``CONTAINER_CELERY`` dict in Django settings.
+
+Read a value as ``app_settings.LEASE_SECONDS``; it is looked up each time, so tests can use
+``override_settings(CONTAINER_CELERY={...})``. Unknown keys raise ``ImproperlyConfigured``
+so a typo does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+DEFAULTS: dict[str, Any] = {
+    # A claim is owned for this long; the worker following a job renews it every
+    # LEASE_SECONDS / 3. After it expires, rescue_stale_jobs may take the job over.
+    "LEASE_SECONDS": 60,
+    # Seconds between beat's runs of dispatch_ready_jobs (and rescue_stale_jobs).
+    "DISPATCH_INTERVAL": 5,
+    # A due, unclaimed, queued job whose last Celery message is older than this is sent
+    # again: its message is presumed lost (broker down, worker died before claiming).
+    "REDISPATCH_SECONDS": 60,
+    # Global limit on jobs launching or running, used by dispatch and the queue command
+    # when they are not given one.
+    "MAX_CONCURRENT_JOBS": 10,
+    # Each of stdout and stderr is stored truncated to its last LOG_MAX_BYTES bytes.
+    "LOG_MAX_BYTES": 64 * 1024,
+    # Host paths that jobs may bind-mount (prefix match on resolved paths). Empty: none.
+    "ALLOWED_BIND_MOUNTS": [],
+    # Celery queue for the app's tasks. None: Celery's default queue.
+    "TASK_QUEUE": None,
+    # Route run_container_job to "<TASK_QUEUE or 'dcc'>.<host name>" for each job's host.
+    "PER_HOST_QUEUES": False,
+    # Extra or replacement named retry strategies: {name: {max_attempts, base_delay, ...}}.
+    "RETRY_STRATEGIES": {},
+    # Strategy used when a job's retry_strategy is blank.
+    "DEFAULT_RETRY_STRATEGY": "default",
+    # Extra regular expressions (case-insensitive) added to the built-in classifiers.
+    "TRANSIENT_PATTERNS": [],
+    "PERMANENT_PATTERNS": [],
+    # Upper bounds checked by validation.
+    "MAX_MEMORY_MB": 64 * 1024,
+    "MAX_CPUS": 64.0,
+    "MAX_TIMEOUT_SECONDS": 7 * 24 * 3600,
+    # Seconds between polls of a running container by the worker that follows it.
+    "POLL_INTERVAL": 1.0,
+    # Keep exited containers instead of removing them after harvest (for debugging).
+    "KEEP_CONTAINERS": False,
+    # Docker network mode for job containers; None leaves Docker's default.
+    "NETWORK_MODE": None,
+    # Finished jobs older than this many days are removed by cleanup_old_jobs.
+    "CLEANUP_AFTER_DAYS": 30,
+    # Executor used when a job has no host: "docker" or a dotted path to a class.
+    "EXECUTOR": "docker",
+    # Docker connection used when no ExecutorHost row exists.
+    "DEFAULT_DOCKER_HOST": "unix:///var/run/docker.sock",
+    # Seconds the queue command waits for running jobs after SIGTERM/SIGINT.
+    "SHUTDOWN_TIMEOUT": 30,
+}
+
+
+class AppSettings:
+    """Attribute access to ``CONTAINER_CELERY`` merged over :data:`DEFAULTS`."""
+
+    def user_settings(self) -> dict[str, Any]:
+        value = getattr(settings, "CONTAINER_CELERY", None) or {}
+        if not isinstance(value, dict):
+            raise ImproperlyConfigured("CONTAINER_CELERY must be a dict.")
+        unknown = sorted(set(value) - set(DEFAULTS))
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown CONTAINER_CELERY setting(s): {', '.join(unknown)}. "
+                f"Known: {', '.join(sorted(DEFAULTS))}."
+            )
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        return self.user_settings().get(name, DEFAULTS[name])
+
+
+app_settings = AppSettings()

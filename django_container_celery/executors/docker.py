@@ -1,0 +1,408 @@
+"""The executor that runs job containers in a Docker daemon, through the Docker SDK.
+
+Every failure leaves as :class:`ExecutorError` whose ``original`` is the SDK, requests or
+urllib3 exception object itself: the retry classifier decides transient versus permanent
+from its type, so it must never be replaced by its text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import docker
+import docker.errors
+import docker.tls
+import requests.exceptions
+import urllib3.exceptions
+
+from ..exceptions import ExecutorError
+from .base import (
+    ContainerExists,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    Executor,
+    truncate_tail,
+)
+
+if TYPE_CHECKING:
+    from ..models import ExecutorHost
+
+__all__ = ["DockerExecutor"]
+
+JOB_LABEL = "dcc.job_id"
+ATTEMPT_LABEL = "dcc.attempt"
+
+# What a call to the daemon can raise: the SDK's own errors, requests' errors (connection
+# refused, timeouts) and, from streamed responses, bare urllib3 or socket errors.
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+
+# Docker reports times with nanoseconds; datetime keeps microseconds.
+_TIMESTAMP_RE = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<fraction>\d+))?(?P<zone>Z|[+-]\d\d:?\d\d)?$")
+
+
+def parse_docker_time(value: str | None) -> datetime | None:
+    """A timezone-aware datetime from Docker's timestamp, or None for its zero time."""
+    if not value or value.startswith("0001-01-01"):
+        return None
+    match = _TIMESTAMP_RE.match(value.strip())
+    if match is None:
+        return None
+    fraction = (match["fraction"] or "")[:6]
+    zone = match["zone"] or "Z"
+    text = match["base"] + (f".{fraction.ljust(6, '0')}" if fraction else "")
+    text += "+00:00" if zone == "Z" else zone
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _is_read_timeout(exc: BaseException) -> bool:
+    # requests raises ReadTimeout when the response headers are late, but a late body (the
+    # wait endpoint sends its headers at once) comes out as a ConnectionError wrapping
+    # urllib3's ReadTimeoutError.
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args)
+    return isinstance(exc, urllib3.exceptions.ReadTimeoutError)
+
+
+def _status_code(exc: BaseException) -> int | None:
+    if isinstance(exc, docker.errors.APIError):
+        status = exc.status_code
+        return status if isinstance(status, int) else None
+    return None
+
+
+class DockerExecutor(Executor):
+    """Runs containers in one Docker daemon.
+
+    The client is created on first use: building an executor for a daemon that is down
+    succeeds, and the failure surfaces from the first call, where the engine can classify
+    and retry it.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        tls: docker.tls.TLSConfig | None = None,
+        timeout: float = 60,
+    ) -> None:
+        self.base_url = base_url
+        self.tls = tls
+        self.timeout = timeout
+        # Set by for_host so that a bad certificate path fails a call, not the constructor.
+        self._tls_factory: Callable[[], docker.tls.TLSConfig | None] | None = None
+        self._client: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_host(cls, host: ExecutorHost) -> DockerExecutor:
+        """An executor for an ``ExecutorHost`` row, with its TLS options."""
+        executor = cls(host.connection_string)
+        if host.tls_enabled:
+            # Copied now so that later edits to the row do not change this executor.
+            cert, key = host.tls_client_cert, host.tls_client_key
+            ca_cert, verify = host.tls_ca_cert, host.tls_verify
+
+            def build_tls() -> docker.tls.TLSConfig:
+                return docker.tls.TLSConfig(
+                    client_cert=(cert, key) if cert and key else None,
+                    ca_cert=ca_cert or None,
+                    verify=verify,
+                )
+
+            executor._tls_factory = build_tls
+        return executor
+
+    def __repr__(self) -> str:
+        return f"<DockerExecutor {self.base_url}>"
+
+    # -- connection -----------------------------------------------------------------------
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The SDK client, connecting on first use; raises :class:`ExecutorError`."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                try:
+                    tls = self._tls_factory() if self._tls_factory is not None else self.tls
+                    # The API version is negotiated here (one request), so this is where
+                    # an unreachable daemon is first noticed.
+                    self._client = docker.DockerClient(
+                        base_url=self.base_url, tls=tls, timeout=self.timeout
+                    )
+                except _CLIENT_ERRORS as exc:
+                    raise ExecutorError(
+                        f"Cannot connect to Docker at {self.base_url}: {exc}", original=exc
+                    ) from exc
+            return self._client
+
+    @property
+    def api(self) -> Any:
+        """The low-level API client: one HTTP request per call."""
+        return self.client.api
+
+    @contextlib.contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except _CLIENT_ERRORS as exc:
+            raise ExecutorError(f"Docker {action} failed: {exc}", original=exc) from exc
+
+    def ping(self) -> None:
+        with self._translate("ping"):
+            self.client.ping()
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            # Best effort: the sockets go away with the object anyway.
+            with contextlib.suppress(*_CLIENT_ERRORS):
+                client.close()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, spec: ContainerSpec) -> str:
+        api = self.api
+        container_id = self._create(spec, pull_if_missing=spec.auto_pull)
+        try:
+            api.start(container_id)
+        except _CLIENT_ERRORS as exc:
+            # A created but never started container would hold the attempt's name and
+            # report exit code 0; remove it so the failure is the only trace. If even that
+            # fails, the label sweep finds it later: the start error is what matters here.
+            with contextlib.suppress(*_CLIENT_ERRORS):
+                api.remove_container(container_id, force=True, v=True)
+            raise ExecutorError(
+                f"Docker could not start container {spec.name}: {exc}", original=exc
+            ) from exc
+        return container_id
+
+    def _create(self, spec: ContainerSpec, pull_if_missing: bool) -> str:
+        api = self.api
+        binds = {
+            host_path: {"bind": target, "mode": "ro" if read_only else "rw"}
+            for host_path, target, read_only in spec.bind_mounts
+        }
+        host_options: dict[str, Any] = {"privileged": False, "binds": binds or None}
+        if spec.memory_mb is not None:
+            host_options["mem_limit"] = f"{spec.memory_mb}m"
+        if spec.cpus is not None:
+            host_options["nano_cpus"] = round(spec.cpus * 1e9)
+        if spec.network_mode:
+            host_options["network_mode"] = spec.network_mode
+        try:
+            host_config = api.create_host_config(**host_options)
+            created = api.create_container(
+                spec.image,
+                command=spec.command,
+                name=spec.name,
+                labels=dict(spec.labels),
+                environment=dict(spec.environment),
+                working_dir=spec.working_dir or None,
+                host_config=host_config,
+            )
+        except docker.errors.ImageNotFound as exc:
+            if not pull_if_missing:
+                raise ExecutorError(
+                    f"Image {spec.image} not found on {self.base_url}: {exc}", original=exc
+                ) from exc
+            self._pull(spec.image)
+            return self._create(spec, pull_if_missing=False)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise ContainerExists(spec.name, self._id_of(spec.name)) from exc
+            raise ExecutorError(
+                f"Docker could not create container {spec.name}: {exc}", original=exc
+            ) from exc
+        except _CLIENT_ERRORS as exc:
+            raise ExecutorError(
+                f"Docker could not create container {spec.name}: {exc}", original=exc
+            ) from exc
+        return str(created["Id"])
+
+    def _pull(self, image: str) -> None:
+        # The high-level pull reads the whole progress stream and then looks the image up,
+        # so an error reported inside the stream still raises.
+        with self._translate(f"pull of {image}"):
+            self.client.images.pull(image)
+
+    def _id_of(self, name: str) -> str:
+        try:
+            return str(self.api.inspect_container(name)["Id"])
+        except _CLIENT_ERRORS:
+            return ""  # removed in between: the conflict still stands for the caller
+
+    def inspect(self, name: str) -> ContainerState | None:
+        with self._translate(f"inspect of {name}"):
+            try:
+                data = self.api.inspect_container(name)
+            except docker.errors.NotFound:
+                return None
+        state = data.get("State") or {}
+        running = bool(state.get("Running"))
+        error = str(state.get("Error") or "")
+        exit_code: int | None = None
+        if state.get("Status") == "created":
+            # Docker reports exit code 0 for a container that never ran; that must not
+            # read as success.
+            error = error or "container was created but never started"
+        elif not running:
+            exit_code = int(state.get("ExitCode") or 0)
+        return ContainerState(
+            container_id=str(data.get("Id", "")),
+            running=running,
+            exit_code=exit_code,
+            started_at=parse_docker_time(state.get("StartedAt")),
+            finished_at=parse_docker_time(state.get("FinishedAt")),
+            error=error,
+        )
+
+    def wait(self, name: str, timeout: float) -> int | None:
+        if timeout <= 0:
+            # requests refuses a zero timeout; a non-blocking wait is a look.
+            state = self.inspect(name)
+            if state is None:
+                raise ExecutorError(f"Container {name} does not exist")
+            return self._checked_exit_code(name, state)
+        api = self.api
+        try:
+            result = api.wait(name, timeout=timeout)
+        except docker.errors.NotFound as exc:
+            raise ExecutorError(f"Container {name} does not exist", original=exc) from exc
+        except _CLIENT_ERRORS as exc:
+            if _is_read_timeout(exc):
+                return None
+            raise ExecutorError(f"Docker wait for {name} failed: {exc}", original=exc) from exc
+        code = int(result.get("StatusCode", -1))
+        if code != 0:
+            return code
+        # The daemon answers 0 at once for a container that was created but never started;
+        # only a look at its state tells that apart from a real success.
+        state = self.inspect(name)
+        if state is None:
+            return code
+        return self._checked_exit_code(name, state)
+
+    @staticmethod
+    def _checked_exit_code(name: str, state: ContainerState) -> int | None:
+        if state.running:
+            return None
+        if state.exit_code is None:
+            raise ExecutorError(f"Container {name} has not run: {state.error}")
+        return state.exit_code
+
+    def logs(self, name: str, max_bytes: int) -> tuple[str, str]:
+        try:
+            stdout, stderr = self._log_tails(name, max_bytes)
+        except _ContainerGone:
+            return "", ""
+        return truncate_tail(stdout, max_bytes), truncate_tail(stderr, max_bytes)
+
+    def _log_tails(self, name: str, max_bytes: int) -> tuple[bytes, bytes]:
+        # The daemon cuts logs by lines, not bytes, and its ``tail`` counts the lines of
+        # both streams together before it filters one out. So we first ask each stream
+        # for the last `window` lines of the whole log, enough to fill max_bytes when lines
+        # average 16 bytes. When those lines are the whole log, we have everything. When
+        # not, a stream still short of max_bytes (short lines, or crowded out by the other
+        # stream) is asked again alone with a window 16 and 256 times larger, then for all
+        # of it. The price: the first reads move up to about 16 times max_bytes (more if
+        # lines are long) instead of gigabytes; a stream that stays sparse deep into a huge
+        # log is read whole, though only its own bytes cross the socket.
+        if max_bytes <= 0:
+            return self._read_logs(name, True, "all"), self._read_logs(name, False, "all")
+        window = max(1000, max_bytes // 16)
+        stdout = self._read_logs(name, True, window)
+        stderr = self._read_logs(name, False, window)
+        if _line_count(stdout) + _line_count(stderr) < window:
+            return stdout, stderr
+        return (
+            self._widen(name, True, stdout, window, max_bytes),
+            self._widen(name, False, stderr, window, max_bytes),
+        )
+
+    def _widen(self, name: str, stdout: bool, data: bytes, window: int, max_bytes: int) -> bytes:
+        for factor in (16, 256):
+            if len(data) >= max_bytes:
+                return data
+            data = self._read_logs(name, stdout, window * factor)
+        return data if len(data) >= max_bytes else self._read_logs(name, stdout, "all")
+
+    def _read_logs(self, name: str, stdout: bool, tail: int | str) -> bytes:
+        with self._translate(f"logs of {name}"):
+            try:
+                data = self.api.logs(name, stdout=stdout, stderr=not stdout, tail=tail)
+            except docker.errors.NotFound as exc:
+                raise _ContainerGone from exc
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def stop(self, name: str, timeout: float = 5) -> None:
+        with self._translate(f"stop of {name}"):
+            try:
+                # The API takes whole seconds; rounding up never kills earlier than asked.
+                self.api.stop(name, timeout=max(0, math.ceil(timeout)))
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code != 304:  # 304: it was not running
+                    raise
+
+    def remove(self, name: str) -> None:
+        with self._translate(f"removal of {name}"):
+            try:
+                self.api.remove_container(name, force=True, v=True)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                explanation = str(exc.explanation or "")
+                if exc.status_code == 409 and "already in progress" in explanation:
+                    return
+                raise
+
+    def list_job_containers(self) -> list[ContainerInfo]:
+        with self._translate("container listing"):
+            found = self.api.containers(all=True, filters={"label": JOB_LABEL})
+        result = []
+        for entry in found:
+            labels = entry.get("Labels") or {}
+            names = entry.get("Names") or []
+            try:
+                attempt = int(labels.get(ATTEMPT_LABEL) or 0)
+            except ValueError:
+                attempt = 0
+            result.append(
+                ContainerInfo(
+                    container_id=str(entry.get("Id", "")),
+                    name=str(names[0]).lstrip("/") if names else "",
+                    job_id=str(labels.get(JOB_LABEL, "")),
+                    attempt=attempt,
+                    running=entry.get("State") == "running",
+                )
+            )
+        return result
+
+
+def _line_count(data: bytes) -> int:
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+class _ContainerGone(Exception):
+    """Internal: the container disappeared between two calls."""

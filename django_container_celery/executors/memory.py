@@ -1,0 +1,273 @@
+"""An in-process stand-in for Docker, so the engine can be tested fast and without a daemon.
+
+Containers live in a dict keyed by name. What each one does is decided at start by a
+programmable ``behaviour``; time is real (``time.monotonic``), so a container "runs" for
+``runs_for`` seconds and ``wait`` really blocks, which lets the engine's follow loop, its
+timeouts and its cancellation be exercised as they are against Docker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from ..exceptions import ExecutorError
+from .base import (
+    ContainerExists,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    Executor,
+    truncate_tail,
+)
+
+__all__ = ["FakeRun", "MemoryExecutor"]
+
+JOB_LABEL = "dcc.job_id"
+ATTEMPT_LABEL = "dcc.attempt"
+
+# The exit code Docker reports for a container killed by SIGKILL.
+KILLED_EXIT_CODE = 137
+
+
+@dataclasses.dataclass
+class FakeRun:
+    """What a fake container does: run for ``runs_for`` seconds, print, exit."""
+
+    exit_code: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    # float("inf") runs until stopped or finished by hand.
+    runs_for: float = 0.0
+
+
+def exit_at_once(spec: ContainerSpec) -> FakeRun:
+    """The default behaviour: succeed immediately, print nothing."""
+    return FakeRun()
+
+
+@dataclasses.dataclass
+class _Container:
+    container_id: str
+    spec: ContainerSpec
+    run: FakeRun
+    started_monotonic: float
+    started_at: datetime
+    # Set when the exit is forced (finish, stop) instead of reached by runs_for.
+    forced_exit_code: int | None = None
+    forced_finished_at: datetime | None = None
+
+    def seconds_left(self, now: float) -> float:
+        """Seconds until the natural exit; 0 once exited."""
+        if self.forced_exit_code is not None:
+            return 0.0
+        return max(0.0, self.started_monotonic + self.run.runs_for - now)
+
+    def exit_code(self, now: float) -> int | None:
+        if self.forced_exit_code is not None:
+            return self.forced_exit_code
+        return self.run.exit_code if self.seconds_left(now) <= 0 else None
+
+    def state(self, now: float) -> ContainerState:
+        code = self.exit_code(now)
+        finished_at = None
+        if code is not None:
+            finished_at = self.forced_finished_at or (
+                self.started_at + timedelta(seconds=self.run.runs_for)
+            )
+        return ContainerState(
+            container_id=self.container_id,
+            running=code is None,
+            exit_code=code,
+            started_at=self.started_at,
+            finished_at=finished_at,
+        )
+
+
+class MemoryExecutor(Executor):
+    """A thread-safe fake executor; program it through ``behaviour`` and ``start_error``.
+
+    ``started`` lists the spec of every successful start, in order; ``stopped`` and
+    ``removed`` list the names given to stop() and remove() that found a container.
+    """
+
+    def __init__(self, behaviour: Callable[[ContainerSpec], FakeRun] | None = None) -> None:
+        self.behaviour: Callable[[ContainerSpec], FakeRun] = behaviour or exit_at_once
+        self.start_error: BaseException | None = None
+        self.started: list[ContainerSpec] = []
+        self.stopped: list[str] = []
+        self.removed: list[str] = []
+        self._containers: dict[str, _Container] = {}
+        # A Condition so that wait() wakes at once when finish/stop/remove change a container.
+        self._changed = threading.Condition(threading.RLock())
+
+    def __repr__(self) -> str:
+        return f"<MemoryExecutor {len(self._containers)} containers>"
+
+    def _find(self, name: str) -> _Container | None:
+        """By name, or by id as Docker also accepts (full id or a unique prefix)."""
+        container = self._containers.get(name)
+        if container is not None or not name:
+            return container
+        matches = [c for c in self._containers.values() if c.container_id.startswith(name)]
+        return matches[0] if len(matches) == 1 else None
+
+    # -- Executor -------------------------------------------------------------------------
+
+    def start(self, spec: ContainerSpec) -> str:
+        with self._changed:
+            error = self.start_error
+            if error is not None:
+                raise ExecutorError(str(error), original=error)
+            existing = self._containers.get(spec.name)
+            if existing is not None:
+                raise ContainerExists(spec.name, existing.container_id)
+            run = self.behaviour(spec)
+            container = _Container(
+                container_id=uuid.uuid4().hex + uuid.uuid4().hex,
+                spec=spec,
+                run=run,
+                started_monotonic=time.monotonic(),
+                started_at=datetime.now(UTC),
+            )
+            self._containers[spec.name] = container
+            self.started.append(spec)
+            self._changed.notify_all()
+            return container.container_id
+
+    def inspect(self, name: str) -> ContainerState | None:
+        with self._changed:
+            container = self._find(name)
+            return None if container is None else container.state(time.monotonic())
+
+    def wait(self, name: str, timeout: float) -> int | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._changed:
+            container = self._find(name)
+            while True:
+                if container is None or self._find(container.spec.name) is not container:
+                    raise ExecutorError(f"Container {name} does not exist")
+                now = time.monotonic()
+                code = container.exit_code(now)
+                if code is not None:
+                    return code
+                remaining = deadline - now
+                if remaining <= 0:
+                    return None
+                self._changed.wait(min(remaining, container.seconds_left(now)))
+
+    def logs(self, name: str, max_bytes: int) -> tuple[str, str]:
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                return "", ""
+            run = container.run
+        return (
+            truncate_tail(run.stdout.encode(), max_bytes),
+            truncate_tail(run.stderr.encode(), max_bytes),
+        )
+
+    def stop(self, name: str, timeout: float = 5) -> None:
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                return
+            self.stopped.append(container.spec.name)
+            if container.exit_code(time.monotonic()) is None:
+                self._force_exit(container, KILLED_EXIT_CODE)
+
+    def remove(self, name: str) -> None:
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                return
+            self.removed.append(container.spec.name)
+            del self._containers[container.spec.name]
+            self._changed.notify_all()
+
+    def list_job_containers(self) -> list[ContainerInfo]:
+        with self._changed:
+            now = time.monotonic()
+            result = []
+            for name, container in self._containers.items():
+                labels = container.spec.labels
+                if JOB_LABEL not in labels:
+                    continue
+                try:
+                    attempt = int(labels.get(ATTEMPT_LABEL) or 0)
+                except ValueError:
+                    attempt = 0
+                result.append(
+                    ContainerInfo(
+                        container_id=container.container_id,
+                        name=name,
+                        job_id=labels[JOB_LABEL],
+                        attempt=attempt,
+                        running=container.exit_code(now) is None,
+                    )
+                )
+            return result
+
+    def ping(self) -> None:
+        return None
+
+    # -- test helpers ---------------------------------------------------------------------
+
+    def _force_exit(self, container: _Container, exit_code: int) -> None:
+        container.forced_exit_code = exit_code
+        container.forced_finished_at = datetime.now(UTC)
+        self._changed.notify_all()
+
+    def finish(self, name: str, exit_code: int = 0) -> None:
+        """Make a running container exit now with ``exit_code``."""
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                raise KeyError(name)
+            if container.exit_code(time.monotonic()) is None:
+                self._force_exit(container, exit_code)
+
+    def vanish(self, name: str) -> None:
+        """Delete a container as if someone removed it behind the engine's back."""
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                raise KeyError(name)
+            del self._containers[container.spec.name]
+            self._changed.notify_all()
+
+    def running_names(self) -> list[str]:
+        """Names of the containers running now, sorted."""
+        with self._changed:
+            now = time.monotonic()
+            return sorted(n for n, c in self._containers.items() if c.exit_code(now) is None)
+
+    def names(self) -> list[str]:
+        """Names of every container that exists now (running or exited), sorted."""
+        with self._changed:
+            return sorted(self._containers)
+
+    def count_for_job(self, job_id: object) -> int:
+        """How many containers were ever started for this job (removed ones included).
+
+        Counted from ``started`` rather than from live containers, because the engine
+        removes a container once it has harvested it.
+        """
+        wanted = str(job_id)
+        with self._changed:
+            return sum(1 for spec in self.started if spec.labels.get(JOB_LABEL) == wanted)
+
+    def reset(self) -> None:
+        """Forget every container and record, and restore the default behaviour."""
+        with self._changed:
+            self._containers.clear()
+            self.started.clear()
+            self.stopped.clear()
+            self.removed.clear()
+            self.behaviour = exit_at_once
+            self.start_error = None
+            self._changed.notify_all()

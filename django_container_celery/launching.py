@@ -1,0 +1,131 @@
+"""Where a claimed job's container is started.
+
+The caller holds the claim (the job is ``launching``). Success moves the job to
+``running``; a failure is classified and the job either waits out a back-off in
+``retrying`` or ends ``failed``. Every write is conditional on the claim, so a worker whose
+claim was taken over while it was starting a container removes that container instead of
+recording it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from django.utils import timezone
+
+from .conf import app_settings
+from .exceptions import ExecutorError, TransitionConflict
+from .executors.base import ContainerExists, ContainerSpec, Executor
+from .models import ContainerJob
+from .retry import ErrorClassifier, ErrorType
+from .states import Status
+from .validators import bind_mount_allowed, parse_bind_mount
+
+logger = logging.getLogger(__name__)
+
+LABEL_JOB = "dcc.job_id"
+LABEL_ATTEMPT = "dcc.attempt"
+
+
+@dataclasses.dataclass
+class LaunchOutcome:
+    success: bool
+    error: str | None = None
+    retry_scheduled: bool = False
+    retry_in_seconds: float | None = None
+    adopted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"success": self.success, "error": self.error}
+        result["retry_scheduled"] = self.retry_scheduled
+        if self.retry_scheduled:
+            result["retry_in_seconds"] = self.retry_in_seconds
+        return result
+
+
+class LaunchRefused(ExecutorError):
+    """The job's definition cannot be launched (a permanent error, never retried)."""
+
+
+def build_spec(job: ContainerJob) -> ContainerSpec:
+    mounts = []
+    for entry in job.bind_mounts or []:
+        try:
+            host_path, target, read_only = parse_bind_mount(str(entry))
+        except ValueError as exc:
+            raise LaunchRefused(f"invalid bind mount: {exc}") from exc
+        # Checked again at launch: the allow-list may have shrunk since the job was saved.
+        if not bind_mount_allowed(host_path):
+            raise LaunchRefused(f"bind mount {host_path} is not in ALLOWED_BIND_MOUNTS")
+        mounts.append((host_path, target, read_only))
+    host = job.assigned_host
+    return ContainerSpec(
+        name=job.container_name,
+        image=job.docker_image,
+        command=job.command_args or None,
+        environment={str(k): str(v) for k, v in (job.environment or {}).items()},
+        labels={LABEL_JOB: str(job.pk), LABEL_ATTEMPT: str(job.attempt)},
+        working_dir=job.working_directory or None,
+        memory_mb=job.memory_limit,
+        cpus=job.cpu_limit,
+        bind_mounts=tuple(mounts),
+        network_mode=app_settings.NETWORK_MODE,
+        auto_pull=bool(host and host.auto_pull_images),
+    )
+
+
+def launch_claimed(job: ContainerJob, executor: Executor) -> LaunchOutcome:
+    """Start the container of the job's current attempt and record it as running."""
+    try:
+        spec = build_spec(job)
+        container_id = executor.start(spec)
+        adopted = False
+    except ContainerExists as exists:
+        # This attempt's container was started before (a redelivered message, or a
+        # rescue): follow that one rather than start another.
+        container_id, adopted = exists.container_id, True
+    except Exception as exc:
+        return record_launch_failure(job, exc)
+    try:
+        job.mark_as_running(as_claimant=True, execution_id=container_id)
+    except TransitionConflict:
+        logger.warning("job %s: claim lost while launching; removing its container", job.pk)
+        _discard(executor, job.container_name)
+        return LaunchOutcome(False, "claim lost before the container was recorded")
+    return LaunchOutcome(True, adopted=adopted)
+
+
+def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcome:
+    """Move a job whose launch failed to retrying (transient) or failed (permanent)."""
+    error_type = (
+        ErrorType.PERMANENT
+        if isinstance(exc, LaunchRefused)
+        else ErrorClassifier.classify_error(exc)
+    )
+    message = f"launch failed ({error_type.value}): {_describe(exc)}"
+    retry = error_type != ErrorType.PERMANENT
+    try:
+        job.mark_as_failed(should_retry=retry, error=message, as_claimant=True)
+    except TransitionConflict:
+        return LaunchOutcome(False, message)
+    logger.info("job %s: %s -> %s", job.pk, message, job.status)
+    if job.status == Status.RETRYING and job.scheduled_for is not None:
+        delay = (job.scheduled_for - timezone.now()).total_seconds()
+        return LaunchOutcome(False, message, retry_scheduled=True, retry_in_seconds=delay)
+    return LaunchOutcome(False, message)
+
+
+def _describe(exc: BaseException) -> str:
+    original = getattr(exc, "original", None)
+    if original is not None and str(original):
+        return f"{type(original).__name__}: {original}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _discard(executor: Executor, name: str) -> None:
+    try:
+        executor.remove(name)
+    except ExecutorError:
+        logger.exception("could not remove container %s", name)

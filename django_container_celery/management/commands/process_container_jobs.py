@@ -1,0 +1,162 @@
+"""Run container jobs without Celery: claim, launch and harvest in one loop.
+
+Each round rescues jobs whose worker died, launches ready jobs up to ``--max-concurrent``
+(a global limit shared with every other worker), then finishes this worker's jobs whose
+containers exited. SIGTERM or SIGINT stops claiming and waits up to the shutdown timeout
+for running jobs; jobs still running then keep their containers and are adopted by a
+rescue after their lease expires. SIGUSR1 prints queue metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+from django.utils import timezone
+
+from ...conf import app_settings
+from ...models import ContainerJob
+from ...queue import JobQueueManager, default_worker_id
+from ...states import Status
+
+
+class Command(BaseCommand):
+    help = "Process queued container jobs (claim, launch, harvest) without Celery."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--queue-mode",
+            action="store_true",
+            help="Only run jobs that were queued. Without it, pending jobs are queued first.",
+        )
+        parser.add_argument(
+            "--max-concurrent",
+            type=int,
+            default=None,
+            help="Global limit on running jobs (default: MAX_CONCURRENT_JOBS).",
+        )
+        parser.add_argument(
+            "--poll-interval", type=float, default=2.0, help="Seconds between rounds."
+        )
+        parser.add_argument(
+            "--once",
+            action="store_true",
+            help="Run one round, wait for the jobs it launched, then exit.",
+        )
+        parser.add_argument(
+            "--timeout", type=float, default=None, help="Stop (gracefully) after this many seconds."
+        )
+        parser.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            default=None,
+            help="Seconds to wait for running jobs on shutdown (default: SHUTDOWN_TIMEOUT).",
+        )
+        parser.add_argument(
+            "--worker-id", default=None, help="Owner name recorded in claims (default: host:pid)."
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Show what would be launched, change nothing."
+        )
+        parser.add_argument("--verbose", action="store_true", help="Print every round.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self.verbose = options["verbose"]
+        self.stopping = threading.Event()
+        worker_id = options["worker_id"] or default_worker_id()
+        manager = JobQueueManager(worker_id=worker_id)
+        limit = options["max_concurrent"] or app_settings.MAX_CONCURRENT_JOBS
+        if options["dry_run"]:
+            self._dry_run(manager, limit)
+            return
+        self._install_signals(manager)
+        started = time.monotonic()
+        deadline = None if options["timeout"] is None else started + options["timeout"]
+        self.stdout.write(f"worker {worker_id}: processing jobs (max concurrent {limit})")
+        while not self.stopping.is_set():
+            self._round(manager, limit, queue_pending=not options["queue_mode"])
+            if options["once"]:
+                self._drain(manager, deadline)
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stdout.write("time limit reached")
+                break
+            self.stopping.wait(options["poll_interval"])
+        self._shutdown(manager, options["shutdown_timeout"])
+
+    # -- one round ----------------------------------------------------------------------
+
+    def _round(self, manager: JobQueueManager, limit: int, queue_pending: bool) -> None:
+        if queue_pending:
+            for job in ContainerJob.objects.filter(status=Status.PENDING).order_by("created_at"):
+                try:
+                    manager.queue_job(job)
+                except ValueError:
+                    continue  # moved on since we read it
+        rescued = manager.rescue_stale_jobs()
+        batch = manager.launch_next_batch(max_concurrent=limit)
+        harvested = manager.harvest_finished_jobs()
+        for error in batch["errors"]:
+            self.stderr.write(f"launch error: {error}")
+        if self.verbose or batch["launched"] or harvested or rescued:
+            self.stdout.write(
+                f"{timezone.now():%H:%M:%S} launched={batch['launched']} "
+                f"finished={harvested} rescued={rescued} errors={len(batch['errors'])}"
+            )
+
+    def _own_running(self, manager: JobQueueManager) -> int:
+        return ContainerJob.objects.filter(
+            claimed_by=manager.worker_id, status__in=[Status.LAUNCHING, Status.RUNNING]
+        ).count()
+
+    def _drain(self, manager: JobQueueManager, deadline: float | None) -> None:
+        """Harvest until this worker runs nothing, the deadline passes, or a signal."""
+        while self._own_running(manager) and not self.stopping.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            time.sleep(min(1.0, float(app_settings.POLL_INTERVAL)))
+            manager.harvest_finished_jobs()
+
+    def _shutdown(self, manager: JobQueueManager, timeout: float | None) -> None:
+        wait = app_settings.SHUTDOWN_TIMEOUT if timeout is None else timeout
+        end = time.monotonic() + wait
+        while self._own_running(manager) and time.monotonic() < end:
+            manager.harvest_finished_jobs()
+            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+        left = self._own_running(manager)
+        if left:
+            self.stdout.write(
+                f"stopped with {left} job(s) still running; they keep their containers and "
+                "are adopted by a rescue when their lease expires"
+            )
+        else:
+            self.stdout.write("stopped cleanly")
+
+    # -- signals and reporting --------------------------------------------------------------
+
+    def _install_signals(self, manager: JobQueueManager) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            if self.stopping.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: leave now
+            self.stdout.write(f"received {signal.Signals(signum).name}: no new jobs, finishing")
+            self.stopping.set()
+
+        def metrics(signum: int, frame: FrameType | None) -> None:
+            self.stdout.write(json.dumps(manager.get_worker_metrics(), sort_keys=True))
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, metrics)
+
+    def _dry_run(self, manager: JobQueueManager, limit: int) -> None:
+        free = max(0, limit - ContainerJob.objects.active().count())
+        jobs = list(manager.get_ready_jobs(limit=free))
+        self.stdout.write(f"dry run: {len(jobs)} job(s) would be launched now")
+        for job in jobs:
+            self.stdout.write(f"  {job.pk} priority={job.priority} image={job.docker_image}")
+        self.stdout.write(json.dumps(manager.get_worker_metrics(), sort_keys=True))

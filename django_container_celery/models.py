@@ -1,0 +1,501 @@
+"""The two tables of the app: Docker hosts and container jobs.
+
+The ``ContainerJob`` row is the single source of truth about a job. Every status change
+goes through :meth:`ContainerJob.transition_to`, which checks the transition table and
+writes with one conditional UPDATE, so two processes racing on a job cannot both win.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import django
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models, transaction
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from . import states, validators
+from .exceptions import InvalidTransition, TransitionConflict
+from .states import Status
+
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+PRIORITY_HIGH = 80
+PRIORITY_NORMAL = 50
+PRIORITY_LOW = 20
+
+
+def check_constraint(condition: Q, name: str) -> models.CheckConstraint:
+    """A CheckConstraint on Django 4.2 (``check=``) and 5.1+ (``condition=``) alike."""
+    keyword = "condition" if django.VERSION >= (5, 1) else "check"
+    options: dict[str, Any] = {keyword: condition}
+    return models.CheckConstraint(name=name, **options)
+
+
+class ExecutorHost(models.Model):
+    """A Docker daemon that runs jobs, with its capacity."""
+
+    name = models.CharField(max_length=100, unique=True)
+    connection_string = models.CharField(
+        max_length=500,
+        default="unix:///var/run/docker.sock",
+        help_text=_("unix:///var/run/docker.sock or tcp://host:2376"),
+    )
+    tls_enabled = models.BooleanField(default=False)
+    tls_verify = models.BooleanField(default=True)
+    tls_ca_cert = models.CharField(max_length=500, blank=True, help_text=_("Path to ca.pem"))
+    tls_client_cert = models.CharField(max_length=500, blank=True, help_text=_("Path to cert.pem"))
+    tls_client_key = models.CharField(max_length=500, blank=True, help_text=_("Path to key.pem"))
+    is_active = models.BooleanField(default=True)
+    max_concurrent_jobs = models.PositiveIntegerField(
+        default=10,
+        validators=[MinValueValidator(1)],
+        help_text=_("Jobs this host may run at once (launching and running)."),
+    )
+    weight = models.PositiveIntegerField(
+        default=100,
+        validators=[MinValueValidator(1), MaxValueValidator(1000)],
+        help_text=_("Relative share of unpinned jobs when several hosts have room."),
+    )
+    auto_pull_images = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            check_constraint(Q(max_concurrent_jobs__gte=1), "dcc_host_capacity_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def active_job_count(self) -> int:
+        return ContainerJob.objects.filter(assigned_host=self, status__in=states.ACTIVE).count()
+
+
+class ContainerJobQuerySet(models.QuerySet["ContainerJob"]):
+    def waiting(self) -> ContainerJobQuerySet:
+        return self.filter(status__in=states.WAITING)
+
+    def due(self, now: datetime | None = None) -> ContainerJobQuerySet:
+        now = now or timezone.now()
+        return self.filter(Q(scheduled_for__isnull=True) | Q(scheduled_for__lte=now))
+
+    def ready(self, now: datetime | None = None) -> ContainerJobQuerySet:
+        """Waiting, due and unclaimed, in launch order: priority, then FIFO."""
+        return (
+            self.waiting().due(now).filter(claimed_by="").order_by("-priority", "queued_at", "id")
+        )
+
+    def active(self) -> ContainerJobQuerySet:
+        return self.filter(status__in=states.ACTIVE)
+
+    def create_job(self, **fields: Any) -> ContainerJob:
+        """Validate every field, then save: bad input raises ValidationError, saves nothing."""
+        job = self.model(**fields)
+        job.full_clean()
+        job.save(force_insert=True)
+        return job
+
+
+_ACTIVE_Q = Q(status__in=sorted(states.ACTIVE))
+_WAITING_Q = Q(status__in=sorted(states.WAITING))
+
+
+class ContainerJob(models.Model):
+    """One container to run: its definition, its place in the queue and its execution."""
+
+    Status = Status
+    VALID_TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = states.VALID_TRANSITIONS
+
+    class RetryStrategyName(models.TextChoices):
+        DEFAULT = "default", _("Default")
+        AGGRESSIVE = "aggressive", _("Aggressive")
+        CONSERVATIVE = "conservative", _("Conservative")
+        HIGH_PRIORITY = "high_priority", _("High priority")
+
+    # Definition
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, blank=True)
+    description = models.TextField(blank=True)
+    docker_image = models.CharField(
+        max_length=255, validators=[validators.validate_image_reference]
+    )
+    command = models.TextField(
+        blank=True,
+        validators=[validators.validate_command],
+        help_text=_("Split with shlex and run without a shell; write sh -c '…' for one."),
+    )
+    working_directory = models.CharField(max_length=255, blank=True)
+    environment = models.JSONField(
+        default=dict, blank=True, validators=[validators.validate_environment]
+    )
+    bind_mounts = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validators.validate_bind_mounts],
+        help_text=_("'host_path:container_path[:ro]' entries, from ALLOWED_BIND_MOUNTS only."),
+    )
+    memory_limit = models.PositiveIntegerField(
+        null=True, blank=True, validators=[validators.validate_memory_limit], help_text="MiB"
+    )
+    cpu_limit = models.FloatField(
+        null=True, blank=True, validators=[validators.validate_cpu_limit], help_text="cores"
+    )
+    timeout_seconds = models.PositiveIntegerField(
+        default=3600, validators=[validators.validate_timeout]
+    )
+    docker_host = models.ForeignKey(
+        ExecutorHost,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="pinned_jobs",
+        help_text=_("Run on this host only. Empty: the app chooses a host with room."),
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    # Queue state
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    priority = models.PositiveSmallIntegerField(
+        default=PRIORITY_NORMAL,
+        validators=[validators.validate_priority],
+        help_text=_("0-100, higher runs first."),
+    )
+    queued_at = models.DateTimeField(null=True, blank=True)
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    launched_at = models.DateTimeField(null=True, blank=True)
+    retry_count = models.PositiveIntegerField(default=0)
+    max_retries = models.PositiveIntegerField(default=3, validators=[MaxValueValidator(100)])
+    last_error = models.TextField(blank=True)
+    last_error_at = models.DateTimeField(null=True, blank=True)
+    retry_strategy = models.CharField(
+        max_length=50,
+        blank=True,
+        default="",
+        validators=[validators.validate_retry_strategy],
+        help_text=_("default, aggressive, conservative, high_priority or a name from settings."),
+    )
+    retry_exit_codes = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validators.validate_exit_codes],
+        help_text=_("Exit codes that mean a transient failure: the job is retried."),
+    )
+
+    # Claim: which worker owns the current attempt, until when
+    claimed_by = models.CharField(max_length=255, blank=True, default="")
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempt = models.PositiveIntegerField(
+        default=0, help_text=_("Number of the current launch attempt; the first is 1.")
+    )
+    assigned_host = models.ForeignKey(
+        ExecutorHost,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="assigned_jobs",
+        help_text=_("Host of the current attempt."),
+    )
+    dispatched_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the last Celery message was sent.")
+    )
+
+    # Execution state
+    execution_id = models.CharField(max_length=128, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    stdout_log = models.TextField(blank=True)
+    stderr_log = models.TextField(blank=True)
+    celery_task_id = models.CharField(max_length=255, blank=True)
+
+    objects = ContainerJobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            check_constraint(Q(priority__gte=0) & Q(priority__lte=100), "dcc_priority_range"),
+            check_constraint(Q(retry_count__gte=0), "dcc_retry_count_gte_0"),
+            check_constraint(
+                Q(max_retries__gte=0) & Q(max_retries__lte=100), "dcc_max_retries_range"
+            ),
+            check_constraint(Q(status__in=[s.value for s in Status]), "dcc_status_known"),
+        ]
+        indexes = [
+            # Serves the claim: first waiting job by priority, then FIFO.
+            models.Index(
+                models.F("priority").desc(),
+                "queued_at",
+                "id",
+                name="dcc_ready_idx",
+                condition=_WAITING_Q,
+            ),
+            # Serves capacity counts per host and the rescue of expired leases.
+            models.Index(
+                fields=["assigned_host", "lease_expires_at"],
+                name="dcc_active_idx",
+                condition=_ACTIVE_Q,
+            ),
+            models.Index(fields=["status", "completed_at"], name="dcc_status_completed_idx"),
+            models.Index(fields=["created_at"], name="dcc_created_idx"),
+        ]
+        permissions = [
+            ("queue_containerjob", "Can queue, dequeue and retry container jobs"),
+            ("cancel_containerjob", "Can cancel container jobs"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.docker_image} ({self.pk})"
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, refusing a status change that the transition table forbids.
+
+        The old status is read from the database under a row lock, not from this
+        instance, so a stale instance cannot move a job along a forbidden edge.
+        """
+        update_fields = kwargs.get("update_fields")
+        checks_status = update_fields is None or "status" in update_fields
+        if self._state.adding or not checks_status:
+            super().save(*args, **kwargs)
+            return
+        with transaction.atomic(using=kwargs.get("using")):
+            current = (
+                type(self)
+                .objects.select_for_update()
+                .filter(pk=self.pk)
+                .values_list("status", flat=True)
+                .first()
+            )
+            moved = current is not None and current != self.status
+            if moved and not states.can_transition(str(current), self.status):
+                raise InvalidTransition(str(current), self.status, self.pk)
+            super().save(*args, **kwargs)
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def is_queued(self) -> bool:
+        return self.status in states.WAITING
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in states.FINAL
+
+    @property
+    def is_ready_to_launch(self) -> bool:
+        if self.status not in states.WAITING or self.claimed_by:
+            return False
+        return self.scheduled_for is None or self.scheduled_for <= timezone.now()
+
+    @property
+    def queue_status(self) -> str:
+        """not_queued, queued, scheduled, launched or launch_failed (see the docs)."""
+        if self.status in states.WAITING:
+            if self.scheduled_for is not None and self.scheduled_for > timezone.now():
+                return "scheduled"
+            return "queued"
+        if self.status == Status.LAUNCHING:
+            return "queued"
+        if self.launched_at is not None:
+            return "launched"
+        if self.status == Status.FAILED:
+            return "launch_failed"
+        return "not_queued"
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return self.completed_at - self.started_at
+
+    @property
+    def container_name(self) -> str:
+        return container_name(self.pk, self.attempt)
+
+    @property
+    def command_args(self) -> list[str]:
+        import shlex
+
+        return shlex.split(self.command) if self.command else []
+
+    # -- state machine ----------------------------------------------------------------
+
+    def can_transition_to(self, status: str) -> bool:
+        return states.can_transition(self.status, status)
+
+    def transition_to(
+        self,
+        status: str,
+        save: bool = True,
+        *,
+        as_claimant: bool = False,
+        **fields: Any,
+    ) -> None:
+        """Move to ``status`` and set ``fields``, in one conditional UPDATE.
+
+        The UPDATE matches only while the row still has the status this instance has
+        (and, with ``as_claimant``, the same owner and attempt), so a racing process or a
+        worker whose claim was taken over gets :class:`TransitionConflict` instead of
+        overwriting newer state. With ``save=False`` only the instance changes.
+        """
+        old = self.status
+        if not states.can_transition(old, status):
+            raise InvalidTransition(old, status, self.pk)
+        if save:
+            changes = {"status": status, "updated_at": timezone.now(), **fields}
+            filters: dict[str, Any] = {"pk": self.pk, "status": old}
+            if as_claimant:
+                filters.update(claimed_by=self.claimed_by, attempt=self.attempt)
+            if not type(self).objects.filter(**filters).update(**changes):
+                current = (
+                    type(self).objects.filter(pk=self.pk).values_list("status", flat=True).first()
+                )
+                reason = (
+                    f"the row is now '{current}'"
+                    if current != old
+                    else "the claim is held by another worker or attempt"
+                )
+                raise TransitionConflict(old, status, self.pk, reason)
+            fields["updated_at"] = changes["updated_at"]
+        self.status = status
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def update_as_claimant(self, **fields: Any) -> bool:
+        """Write ``fields`` only while this instance's claim (owner, attempt) still holds."""
+        matched = (
+            type(self)
+            .objects.filter(
+                pk=self.pk, status=self.status, claimed_by=self.claimed_by, attempt=self.attempt
+            )
+            .update(**fields)
+        )
+        if matched:
+            for name, value in fields.items():
+                setattr(self, name, value)
+        return bool(matched)
+
+    def mark_as_queued(self, scheduled_for: datetime | None = None, **fields: Any) -> None:
+        self.transition_to(
+            Status.QUEUED, queued_at=timezone.now(), scheduled_for=scheduled_for, **fields
+        )
+
+    def mark_as_running(self, *, as_claimant: bool = False, **fields: Any) -> None:
+        now = timezone.now()
+        self.transition_to(
+            Status.RUNNING,
+            as_claimant=as_claimant,
+            **{"started_at": now, "launched_at": now, **fields},
+        )
+
+    def mark_as_completed(self, *, as_claimant: bool = False, **fields: Any) -> None:
+        self.transition_to(
+            Status.COMPLETED,
+            as_claimant=as_claimant,
+            completed_at=timezone.now(),
+            **{**_CLEARED_CLAIM, **fields},
+        )
+
+    def mark_as_failed(
+        self,
+        should_retry: bool = False,
+        error: str = "",
+        *,
+        as_claimant: bool = False,
+        **fields: Any,
+    ) -> None:
+        """Fail the job, or schedule its next attempt when asked and the budget allows.
+
+        Returns with the job ``retrying`` (``scheduled_for`` after the strategy's
+        back-off) or ``failed``; the job's own ``max_retries`` bounds ``retry_count``.
+        """
+        now = timezone.now()
+        error_fields: dict[str, Any] = {}
+        if error:
+            error_fields = {"last_error": error, "last_error_at": now}
+        if should_retry and self.retry_count < self.max_retries:
+            from .retry import get_strategy
+
+            retry_count = self.retry_count + 1
+            delay = get_strategy(self.retry_strategy).get_retry_delay(retry_count)
+            self.transition_to(
+                Status.RETRYING,
+                as_claimant=as_claimant,
+                retry_count=retry_count,
+                scheduled_for=now + timedelta(seconds=delay),
+                **{**error_fields, **_CLEARED_CLAIM, **fields},
+            )
+        else:
+            self.transition_to(
+                Status.FAILED,
+                as_claimant=as_claimant,
+                completed_at=now,
+                **{**error_fields, **_CLEARED_CLAIM, **fields},
+            )
+
+    # -- Celery-style API ---------------------------------------------------------------
+
+    def delay(self) -> AsyncResult:
+        """Queue the job now; the Celery task is sent when the transaction commits."""
+        return self.apply_async()
+
+    def apply_async(
+        self,
+        eta: datetime | None = None,
+        countdown: float | None = None,
+        priority: int | None = None,
+    ) -> AsyncResult:
+        """Queue the job (at ``eta`` or after ``countdown`` seconds) and return its result."""
+        from .api import enqueue
+
+        return enqueue(self, eta=eta, countdown=countdown, priority=priority)
+
+    def cancel(self) -> bool:
+        """Stop the job: a running container is stopped and removed. False if already final."""
+        from .queue import queue_manager
+
+        return queue_manager.cancel_job(self)
+
+    def wait(self, timeout: float | None = None, poll_interval: float = 0.5) -> ContainerJob:
+        """Block until the job is final, reading the database; TimeoutError when late."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.refresh_from_db()
+            if self.is_final:
+                return self
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Job {self.pk} is still '{self.status}' after {timeout} seconds"
+                )
+            remaining = None if deadline is None else deadline - time.monotonic()
+            time.sleep(
+                poll_interval if remaining is None else max(0.0, min(poll_interval, remaining))
+            )
+
+
+_CLEARED_CLAIM: dict[str, Any] = {"claimed_by": "", "claimed_at": None, "lease_expires_at": None}
+
+
+def container_name(job_id: object, attempt: int) -> str:
+    """The deterministic Docker name of one attempt of a job: ``dcc-<job id>-a<attempt>``."""
+    return f"dcc-{job_id}-a{attempt}"

@@ -1,0 +1,374 @@
+"""JobQueueManager: the queue's public operations, built on claims, launching, following
+and finishing. It imports nothing from Celery; the Celery tasks and the queue-mode command
+are two thin drivers of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import Count, Min, Q, QuerySet
+from django.utils import timezone
+
+from . import claims, following, states
+from .conf import app_settings
+from .exceptions import ExecutorError, InvalidTransition, TransitionConflict
+from .executors import executor_for
+from .executors.base import Executor
+from .finishing import remove_container
+from .launching import LaunchOutcome, launch_claimed
+from .models import ContainerJob, ExecutorHost
+from .states import Status
+
+logger = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[ExecutorHost | None], Executor]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobQueueManager:
+    """Queue, claim, launch, harvest and inspect container jobs.
+
+    ``executor_factory`` maps a job's host to an executor (tests pass an in-memory one);
+    ``worker_id`` names the owner recorded in claims (default: host name and process id,
+    read at each call so a forked worker gets its own).
+    """
+
+    def __init__(
+        self,
+        executor_factory: ExecutorFactory | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.executor_factory: ExecutorFactory = executor_factory or executor_for
+        self._worker_id = worker_id
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id or default_worker_id()
+
+    def executor(self, job: ContainerJob) -> Executor:
+        return self.executor_factory(job.assigned_host or job.docker_host)
+
+    # -- queueing ---------------------------------------------------------------------
+
+    def queue_job(
+        self,
+        job: ContainerJob,
+        schedule_for: datetime | None = None,
+        priority: int | None = None,
+    ) -> ContainerJob:
+        """Put a pending (or failed) job in the queue, optionally for later."""
+        if job.status in (Status.QUEUED, Status.RETRYING):
+            raise ValueError(f"Job {job.pk} is already queued")
+        if job.status in states.TERMINAL:
+            raise ValueError(f"Job {job.pk} is {job.status} and cannot be queued")
+        if job.status != Status.PENDING and not job.can_transition_to(Status.QUEUED):
+            raise ValueError(f"Job {job.pk} is {job.status} and cannot be queued now")
+        fields: dict[str, Any] = {"dispatched_at": None}
+        if priority is not None:
+            from .validators import validate_priority
+
+            validate_priority(priority)
+            fields["priority"] = priority
+        job.mark_as_queued(scheduled_for=schedule_for, **fields)
+        return job
+
+    def dequeue_job(self, job: ContainerJob) -> ContainerJob:
+        """Take a waiting job out of the queue, back to pending."""
+        if job.status not in states.WAITING:
+            raise ValueError(f"Job {job.pk} is {job.status}, not waiting in the queue")
+        job.transition_to(Status.PENDING, queued_at=None, scheduled_for=None, dispatched_at=None)
+        return job
+
+    def cancel_job(self, job: ContainerJob) -> bool:
+        """Cancel a job that is not final; stop and remove its container if it has one."""
+        for _ in range(5):  # the job may move under us (claimed, started): try again
+            if job.status not in states.CANCELLABLE:
+                return False
+            had_container = job.status in states.ACTIVE
+            try:
+                job.transition_to(
+                    Status.CANCELLED,
+                    completed_at=timezone.now(),
+                    claimed_by="",
+                    lease_expires_at=None,
+                )
+            except TransitionConflict:
+                job.refresh_from_db()
+                continue
+            if had_container and job.attempt:
+                executor = self.executor(job)
+                try:
+                    executor.stop(job.container_name, timeout=5)
+                except ExecutorError:
+                    logger.warning("job %s: could not stop its container", job.pk, exc_info=True)
+                if not app_settings.KEEP_CONTAINERS:
+                    remove_container(executor, job.container_name)
+            return True
+        return False
+
+    def get_ready_jobs(
+        self, limit: int | None = None, exclude_ids: Sequence[Any] | None = None
+    ) -> QuerySet[ContainerJob]:
+        qs = ContainerJob.objects.ready()
+        if exclude_ids:
+            qs = qs.exclude(pk__in=exclude_ids)
+        return qs[:limit] if limit is not None else qs
+
+    # -- claiming and launching -----------------------------------------------------------
+
+    def acquire_next_job(
+        self, worker_id: str | None = None, max_concurrent: int | None = None
+    ) -> ContainerJob | None:
+        """Claim the next ready job for this worker (priority, then FIFO), or None."""
+        return claims.claim_next(worker_id or self.worker_id, max_concurrent)
+
+    def launch_job(self, job: ContainerJob) -> dict[str, Any]:
+        """Claim the job if needed, start its container, return once it runs."""
+        outcome = self._launch(job)
+        return {"success": outcome.success, "error": outcome.error}
+
+    def launch_job_with_retry(self, job: ContainerJob) -> dict[str, Any]:
+        """Like launch_job, plus whether (and when) a retry was scheduled."""
+        return self._launch(job).as_dict()
+
+    def _launch(self, job: ContainerJob) -> LaunchOutcome:
+        if job.status != Status.LAUNCHING or job.claimed_by != self.worker_id:
+            claimed = claims.claim_job(job.pk, self.worker_id, in_turn=False)
+            if claimed is None:
+                job.refresh_from_db()
+                return LaunchOutcome(
+                    False, f"job {job.pk} could not be claimed (status {job.status})"
+                )
+            _copy_into(job, claimed)
+        return launch_claimed(job, self.executor(job))
+
+    def launch_next_batch(self, max_concurrent: int = 5, timeout: float = 30) -> dict[str, Any]:
+        """Claim and launch ready jobs until ``max_concurrent`` jobs run (globally).
+
+        One failed launch never stops the batch; its error is reported and the loop goes on.
+        """
+        import time
+
+        launched = 0
+        errors: list[str] = []
+        tried: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = claims.claim_next(self.worker_id, max_concurrent, exclude_ids=tried)
+            if job is None:
+                break
+            tried.append(job.pk)
+            try:
+                outcome = launch_claimed(job, self.executor(job))
+            except Exception as exc:  # keep the batch going whatever one job does
+                logger.exception("job %s: launch crashed", job.pk)
+                outcome = LaunchOutcome(False, f"{type(exc).__name__}: {exc}")
+            if outcome.success:
+                launched += 1
+            else:
+                errors.append(f"{job.pk}: {outcome.error}")
+        return {"launched": launched, "errors": errors}
+
+    # -- following ----------------------------------------------------------------------
+
+    def harvest_finished_jobs(self, worker_id: str | None = None) -> int:
+        """Finish this worker's running jobs whose containers exited; enforce timeouts."""
+        owner = worker_id or self.worker_id
+        claims.renew_leases(owner)
+        finished = 0
+        jobs = ContainerJob.objects.filter(claimed_by=owner, status=Status.RUNNING).select_related(
+            "assigned_host", "docker_host"
+        )
+        for job in jobs:
+            if following.check(job, self.executor(job)) is following.Progress.FINISHED:
+                finished += 1
+        return finished
+
+    def run_job(
+        self,
+        job_id: Any,
+        in_turn: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_running: Callable[[ContainerJob], None] | None = None,
+    ) -> tuple[ContainerJob | None, following.Progress | None]:
+        """Claim (or take over) one job, launch or adopt it, and follow it to its end.
+
+        Returns (None, None) when the job cannot be claimed by us now: it is not waiting,
+        not due, not its turn, or another worker holds it. This is what makes a duplicate
+        or replayed message harmless.
+        """
+        job = claims.claim_job(job_id, self.worker_id, in_turn=in_turn)
+        if job is not None:
+            outcome = launch_claimed(job, self.executor(job))
+            if not outcome.success:
+                return job, following.Progress.FINISHED
+        else:
+            job = claims.take_over(job_id, self.worker_id)
+            if job is None:
+                return None, None
+            progress = following.adopt(job, self.executor(job))
+            if progress is not following.Progress.RUNNING:
+                return job, progress
+        if on_running is not None:
+            on_running(job)
+        return job, following.follow(job, self.executor(job), should_stop)
+
+    def rescue_stale_jobs(self, limit: int = 100) -> int:
+        """Take over jobs whose lease expired and bring each to a consistent state.
+
+        A running container is adopted (then followed by this worker's harvest), an exited
+        one is harvested, a vanished one is retried, and a launch that never started is
+        launched again.
+        """
+        rescued = 0
+        for job_id in claims.stale_job_ids(limit):
+            job = claims.take_over(job_id, self.worker_id)
+            if job is None:
+                continue
+            following.adopt(job, self.executor(job))
+            rescued += 1
+        return rescued
+
+    # -- metrics and failures -------------------------------------------------------------
+
+    def get_worker_metrics(self) -> dict[str, int]:
+        now = timezone.now()
+        due = Q(scheduled_for__isnull=True) | Q(scheduled_for__lte=now)
+        waiting = Q(status__in=states.WAITING)
+        counts = ContainerJob.objects.aggregate(
+            ready_now=Count("pk", filter=waiting & due),
+            scheduled_future=Count("pk", filter=waiting & Q(scheduled_for__gt=now)),
+            running=Count("pk", filter=Q(status__in=states.ACTIVE)),
+            launch_failed=Count("pk", filter=Q(status=Status.FAILED, launched_at__isnull=True)),
+        )
+        counts["queue_depth"] = counts["ready_now"] + counts["scheduled_future"]
+        return counts
+
+    def get_queue_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(self.get_worker_metrics())
+        by_status = dict(
+            ContainerJob.objects.order_by()
+            .values_list("status")
+            .annotate(n=Count("pk"))
+            .values_list("status", "n")
+        )
+        stats["by_status"] = {s.value: by_status.get(s.value, 0) for s in Status}
+        oldest = ContainerJob.objects.waiting().aggregate(oldest=Min("queued_at"))["oldest"]
+        stats["oldest_waiting_since"] = oldest
+        return stats
+
+    def get_failed_jobs(self, include_retrying: bool = False) -> QuerySet[ContainerJob]:
+        wanted = [Status.FAILED, Status.RETRYING] if include_retrying else [Status.FAILED]
+        return ContainerJob.objects.filter(status__in=wanted).order_by("-last_error_at")
+
+    def retry_failed_job(self, job: ContainerJob, reset_count: bool = False) -> ContainerJob:
+        """Queue a failed job again now, optionally with a fresh retry budget."""
+        if job.status != Status.FAILED:
+            raise InvalidTransition(job.status, Status.QUEUED, job.pk, "only failed jobs retry")
+        fields: dict[str, Any] = {"dispatched_at": None, "completed_at": None}
+        if reset_count:
+            fields["retry_count"] = 0
+        job.mark_as_queued(scheduled_for=None, **fields)
+        return job
+
+    def due_for_dispatch(self, max_concurrent: int | None = None) -> list[ContainerJob]:
+        """Ready jobs to send Celery messages for, within free capacity, best first.
+
+        A job qualifies when it is among the jobs a claim would take next and no message
+        is in flight for it: never sent, consumed without a claim (``dispatched_at`` is
+        cleared then), or sent longer ago than ``REDISPATCH_SECONDS`` (presumed lost).
+        One conditional UPDATE marks them, so two dispatchers never send a job twice.
+        """
+        limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
+        free = limit - ContainerJob.objects.active().count()
+        ids = claims.eligible_ready_ids(free)
+        if not ids:
+            return []
+        return self._mark_dispatched(ids, app_settings.REDISPATCH_SECONDS, states.WAITING)
+
+    def stale_for_rescue(self, limit: int = 100) -> list[ContainerJob]:
+        """Jobs whose lease expired and that had no rescue message for a lease period."""
+        ids = claims.stale_job_ids(limit)
+        if not ids:
+            return []
+        return self._mark_dispatched(ids, app_settings.LEASE_SECONDS, states.ACTIVE)
+
+    def _mark_dispatched(
+        self, ids: Sequence[Any], resend_after: float, statuses: frozenset[str]
+    ) -> list[ContainerJob]:
+        now = timezone.now()
+        stale = now - timedelta(seconds=resend_after)
+        unsent = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)
+        marked = []
+        for job_id in ids:
+            if ContainerJob.objects.filter(Q(pk=job_id, status__in=statuses) & unsent).update(
+                dispatched_at=now
+            ):
+                marked.append(job_id)
+        jobs = ContainerJob.objects.filter(pk__in=marked).select_related("docker_host")
+        order = {job_id: index for index, job_id in enumerate(marked)}
+        return sorted(jobs, key=lambda job: order[job.pk])
+
+    def forget_dispatch(self, job_id: Any) -> None:
+        """A message for this job was consumed without a claim: allow a new one."""
+        ContainerJob.objects.filter(pk=job_id, claimed_by="").update(dispatched_at=None)
+
+    def remove_finished_containers(self) -> int:
+        """Remove exited containers whose job is final or gone (left by a crash)."""
+        removed = 0
+        hosts: list[ExecutorHost | None] = [None, *ExecutorHost.objects.filter(is_active=True)]
+        for host in hosts:
+            executor = self.executor_factory(host)
+            try:
+                found = executor.list_job_containers()
+            except ExecutorError:
+                logger.warning("cannot list containers on %s", host or "default host")
+                continue
+            ids = {info.job_id for info in found if _is_uuid(info.job_id)}
+            current = set(
+                ContainerJob.objects.filter(pk__in=ids, status__in=states.ACTIVE).values_list(
+                    "pk", "attempt"
+                )
+            )
+            for info in found:
+                # Keep only the container of an active job's current attempt.
+                if _is_uuid(info.job_id) and (uuid.UUID(info.job_id), info.attempt) in current:
+                    continue
+                remove_container(executor, info.name)
+                removed += 1
+        return removed
+
+    def cleanup_old_jobs(self, days: int | None = None) -> int:
+        """Delete final jobs finished more than ``days`` ago (default from settings)."""
+        age = app_settings.CLEANUP_AFTER_DAYS if days is None else days
+        cutoff = timezone.now() - timedelta(days=age)
+        deleted, _ = ContainerJob.objects.filter(
+            status__in=states.FINAL, completed_at__lt=cutoff
+        ).delete()
+        return deleted
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _copy_into(target: ContainerJob, source: ContainerJob) -> None:
+    for field in ContainerJob._meta.concrete_fields:
+        setattr(target, field.attname, getattr(source, field.attname))
+
+
+queue_manager = JobQueueManager()

@@ -1,0 +1,186 @@
+"""Field validators. Each raises ``ValidationError`` with a message a user can act on."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from typing import Any
+
+from django.core.exceptions import ValidationError
+
+from .conf import app_settings
+
+# Docker's reference grammar: [host[:port]/]component(/component)*[:tag][@sha256:<hex>]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?)"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"sha256:[a-f0-9]{64}"
+IMAGE_REFERENCE_RE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?", re.ASCII
+)
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+SECRET_KEY_RE = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
+MASK = "********"
+
+
+def validate_image_reference(value: str) -> None:
+    if not value or len(value) > 255 or not IMAGE_REFERENCE_RE.fullmatch(value):
+        raise ValidationError(
+            "'%(value)s' is not a valid Docker image reference: use lowercase path "
+            "components, an optional host[:port]/ prefix, an optional :tag of at most 128 "
+            "characters and an optional @sha256:<64 hex digits> digest.",
+            code="invalid_image",
+            params={"value": value[:300]},
+        )
+
+
+def validate_command(value: str) -> None:
+    try:
+        shlex.split(value or "")
+    except ValueError as exc:
+        raise ValidationError(
+            "The command cannot be split into arguments: %(error)s.",
+            code="invalid_command",
+            params={"error": exc},
+        ) from exc
+
+
+def validate_environment(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValidationError(
+            "The environment must be an object of names to string values.",
+            code="invalid_environment",
+        )
+    for key, val in value.items():
+        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+            raise ValidationError(
+                "Environment variable name '%(key)s' is invalid: it must match "
+                "[A-Za-z_][A-Za-z0-9_]*.",
+                code="invalid_environment_key",
+                params={"key": key},
+            )
+        if not isinstance(val, str):
+            raise ValidationError(
+                "Environment variable '%(key)s' must have a string value, not %(type)s.",
+                code="invalid_environment_value",
+                params={"key": key, "type": type(val).__name__},
+            )
+
+
+def validate_memory_limit(value: int | None) -> None:
+    if value is None:
+        return
+    maximum = app_settings.MAX_MEMORY_MB
+    if not 4 <= value <= maximum:
+        raise ValidationError(
+            "Memory limit must be between 4 and %(max)s MiB.",
+            code="invalid_memory_limit",
+            params={"max": maximum},
+        )
+
+
+def validate_cpu_limit(value: float | None) -> None:
+    if value is None:
+        return
+    maximum = app_settings.MAX_CPUS
+    if not 0.01 <= value <= maximum:
+        raise ValidationError(
+            "CPU limit must be between 0.01 and %(max)s cores.",
+            code="invalid_cpu_limit",
+            params={"max": maximum},
+        )
+
+
+def validate_timeout(value: int | None) -> None:
+    if value is None:
+        return
+    maximum = app_settings.MAX_TIMEOUT_SECONDS
+    if not 1 <= value <= maximum:
+        raise ValidationError(
+            "Timeout must be between 1 and %(max)s seconds.",
+            code="invalid_timeout",
+            params={"max": maximum},
+        )
+
+
+def validate_priority(value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+        raise ValidationError(
+            "Priority must be a whole number from 0 to 100.",
+            code="invalid_priority",
+        )
+
+
+def validate_exit_codes(value: Any) -> None:
+    if not isinstance(value, list) or not all(
+        isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 255 for code in value
+    ):
+        raise ValidationError(
+            "Retryable exit codes must be a list of whole numbers from 1 to 255.",
+            code="invalid_exit_codes",
+        )
+
+
+def validate_retry_strategy(value: str) -> None:
+    if not value:
+        return
+    from .retry import strategy_names
+
+    if value not in strategy_names():
+        raise ValidationError(
+            "Unknown retry strategy '%(value)s'; choose one of: %(names)s.",
+            code="invalid_retry_strategy",
+            params={"value": value, "names": ", ".join(sorted(strategy_names()))},
+        )
+
+
+def parse_bind_mount(spec: str) -> tuple[str, str, bool]:
+    """Split ``host:container[:ro|rw]`` into (host path, container path, read only)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise ValueError(f"'{spec}' is not of the form host_path:container_path[:ro|rw]")
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise ValueError(f"'{spec}' has mode '{mode}'; use ro or rw")
+    if not (parts[0].startswith("/") and parts[1].startswith("/")):
+        raise ValueError(f"'{spec}' must use absolute paths on both sides")
+    return parts[0], parts[1], mode == "ro"
+
+
+def bind_mount_allowed(host_path: str) -> bool:
+    resolved = os.path.realpath(host_path)
+    for allowed in app_settings.ALLOWED_BIND_MOUNTS:
+        root = os.path.realpath(allowed)
+        if resolved == root or resolved.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def validate_bind_mounts(value: Any) -> None:
+    if not isinstance(value, list):
+        raise ValidationError(
+            "Bind mounts must be a list of 'host_path:container_path[:ro|rw]' strings.",
+            code="invalid_bind_mounts",
+        )
+    for spec in value:
+        try:
+            host_path, _target, _ro = parse_bind_mount(str(spec))
+        except ValueError as exc:
+            raise ValidationError(str(exc), code="invalid_bind_mounts") from exc
+        if not bind_mount_allowed(host_path):
+            raise ValidationError(
+                "Host path '%(path)s' is not in CONTAINER_CELERY['ALLOWED_BIND_MOUNTS'].",
+                code="bind_mount_not_allowed",
+                params={"path": host_path},
+            )
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(SECRET_KEY_RE.search(key))
+
+
+def mask_environment(environment: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``environment`` with the values of secret-looking names masked."""
+    return {k: (MASK if is_secret_key(k) else v) for k, v in environment.items()}

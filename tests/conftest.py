@@ -1,0 +1,63 @@
+"""Fixtures shared by the suite. A missing service fails the test that needs it, loudly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from . import celery_app  # noqa: F401 - makes the test app current for send_task
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[Any]:
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=settings.DOCKER_HOST, timeout=30)
+        client.ping()
+    except Exception as exc:  # any failure here means the daemon is not usable
+        pytest.fail(
+            f"Docker daemon at {settings.DOCKER_HOST} does not answer ({exc}); "
+            "run `bash scripts/services.sh docker` or set DOCKER_HOST.",
+            pytrace=False,
+        )
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def test_image(docker_client: Any) -> str:
+    import docker.errors
+
+    try:
+        docker_client.images.get(settings.TEST_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(
+            f"Test image {settings.TEST_IMAGE} is missing; run `bash scripts/services.sh image`.",
+            pytrace=False,
+        )
+    return str(settings.TEST_IMAGE)
+
+
+def containers_of(docker_client: Any, job_id: object) -> list[Any]:
+    """Every container (running or exited) labelled with this job id."""
+    return docker_client.containers.list(all=True, filters={"label": f"dcc.job_id={job_id}"})
+
+
+@pytest.fixture
+def broker_url() -> str:
+    """The shared broker from settings; fails the test when it does not answer."""
+    import redis
+
+    url = str(settings.CELERY_BROKER_URL)
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+    except Exception as exc:  # any failure means no usable broker
+        pytest.fail(
+            f"Redis at {url} does not answer ({exc}); run `bash scripts/services.sh redis`.",
+            pytrace=False,
+        )
+    return url
