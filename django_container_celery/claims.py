@@ -134,10 +134,10 @@ class _ClaimSQL:
         """
         params: list[Any] = [
             worker_id,
-            now,
-            lease_deadline(now),
+            _db_time(now),
+            _db_time(lease_deadline(now)),
             default_host,
-            now,
+            _db_time(now),
             *target_params,
             max_concurrent,
             default_host,
@@ -167,7 +167,7 @@ class _ClaimSQL:
               AND r.claimed_by = ''
               AND (r.scheduled_for IS NULL OR r.scheduled_for <= %s)
         """
-        params: list[Any] = [now]
+        params: list[Any] = [_db_time(now)]
         if free_hosts is not None:
             pinned = "r.docker_host_id IN ({})".format(
                 ", ".join(["%s"] * len(free_hosts)) if free_hosts else "NULL"
@@ -185,6 +185,11 @@ class _ClaimSQL:
         if lock and self.postgres:
             sql += " FOR UPDATE SKIP LOCKED"
         return sql, params
+
+
+def _db_time(value: datetime) -> Any:
+    """A datetime as the backend stores it (SQLite keeps naive UTC text)."""
+    return connection.ops.adapt_datetimefield_value(value)
 
 
 def _db_id(pk: Any) -> Any:
@@ -304,7 +309,8 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return [row[0] for row in cursor.fetchall()]
+        to_python = ContainerJob._meta.pk.to_python  # type: ignore[union-attr]
+        return [to_python(row[0]) for row in cursor.fetchall()]
 
 
 def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:

@@ -20,7 +20,7 @@ from . import claims
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import ContainerState, Executor
-from .finishing import finish
+from .finishing import finish, remove_container
 from .launching import launch_claimed
 from .models import ContainerJob
 from .states import Status
@@ -54,6 +54,10 @@ def check(job: ContainerJob, executor: Executor) -> Progress:
 def _act_on(job: ContainerJob, executor: Executor, state: ContainerState | None) -> Progress:
     if state is None:
         return _vanished(job)
+    if not state.running and state.exit_code is None:
+        # Created but never started (its worker died between the two calls): retry.
+        remove_container(executor, job.container_name)
+        return _vanished(job, state.error or "container was created but never started")
     if not state.running:
         return _finished(finish(job, executor, state.exit_code))
     if deadline_of(job) <= 0:
@@ -127,13 +131,11 @@ def adopt(job: ContainerJob, executor: Executor) -> Progress:
     return _act_on(job, executor, state)
 
 
-def _vanished(job: ContainerJob) -> Progress:
+def _vanished(
+    job: ContainerJob, error: str = "container vanished while the job was running"
+) -> Progress:
     try:
-        job.mark_as_failed(
-            should_retry=True,
-            error="container vanished while the job was running",
-            as_claimant=True,
-        )
+        job.mark_as_failed(should_retry=True, error=error, as_claimant=True)
     except TransitionConflict:
         return Progress.LOST
     return Progress.FINISHED

@@ -17,16 +17,13 @@ from django.utils import timezone
 
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
-from .executors.base import ContainerExists, ContainerSpec, Executor
+from .executors.base import ATTEMPT_LABEL, JOB_LABEL, ContainerExists, ContainerSpec, Executor
 from .models import ContainerJob
 from .retry import ErrorClassifier, ErrorType
 from .states import Status
 from .validators import bind_mount_allowed, parse_bind_mount
 
 logger = logging.getLogger(__name__)
-
-LABEL_JOB = "dcc.job_id"
-LABEL_ATTEMPT = "dcc.attempt"
 
 
 @dataclasses.dataclass
@@ -66,7 +63,7 @@ def build_spec(job: ContainerJob) -> ContainerSpec:
         image=job.docker_image,
         command=job.command_args or None,
         environment={str(k): str(v) for k, v in (job.environment or {}).items()},
-        labels={LABEL_JOB: str(job.pk), LABEL_ATTEMPT: str(job.attempt)},
+        labels={JOB_LABEL: str(job.pk), ATTEMPT_LABEL: str(job.attempt)},
         working_dir=job.working_directory or None,
         memory_mb=job.memory_limit,
         cpus=job.cpu_limit,

@@ -16,6 +16,7 @@ container for a job that runs for hours. Lost messages are re-sent by
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from celery import shared_task
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="django_container_celery.run_container_job", bind=True, acks_late=False)
 def run_container_job(self: Any, job_id: str) -> dict[str, Any]:
+    try:
+        uuid.UUID(str(job_id))
+    except ValueError:
+        logger.error("run_container_job: %r is not a job id; message dropped", job_id)
+        raise Ignore() from None
     manager = JobQueueManager()
 
     def report_running(job: ContainerJob) -> None:

@@ -23,10 +23,9 @@ ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 def database_from_url(url: str) -> dict[str, object]:
     parsed = urlparse(url)
     if parsed.scheme.startswith("sqlite"):
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": parsed.path.lstrip("/") or ":memory:",
-        }
+        # sqlite:///relative/path or sqlite:////absolute/path
+        name = parsed.path[1:] if parsed.path.startswith("/") else parsed.path
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or ":memory:"}
     if parsed.scheme not in ("postgres", "postgresql", "pgsql"):
         raise ValueError(f"DATABASE_URL scheme '{parsed.scheme}' is not supported")
     return {

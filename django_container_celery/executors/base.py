@@ -12,6 +12,10 @@ from datetime import datetime
 
 from ..exceptions import ExecutorError
 
+# Every job container carries these labels; cleanup and tests find containers by them.
+JOB_LABEL = "dcc.job_id"
+ATTEMPT_LABEL = "dcc.attempt"
+
 
 @dataclasses.dataclass(frozen=True)
 class ContainerSpec:

@@ -23,6 +23,8 @@ import urllib3.exceptions
 
 from ..exceptions import ExecutorError
 from .base import (
+    ATTEMPT_LABEL,
+    JOB_LABEL,
     ContainerExists,
     ContainerInfo,
     ContainerSpec,
@@ -36,8 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DockerExecutor"]
 
-JOB_LABEL = "dcc.job_id"
-ATTEMPT_LABEL = "dcc.attempt"
 
 # What a call to the daemon can raise: the SDK's own errors, requests' errors (connection
 # refused, timeouts) and, from streamed responses, bare urllib3 or socket errors.

@@ -17,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 
 from ..exceptions import ExecutorError
 from .base import (
+    ATTEMPT_LABEL,
+    JOB_LABEL,
     ContainerExists,
     ContainerInfo,
     ContainerSpec,
@@ -27,8 +29,6 @@ from .base import (
 
 __all__ = ["FakeRun", "MemoryExecutor"]
 
-JOB_LABEL = "dcc.job_id"
-ATTEMPT_LABEL = "dcc.attempt"
 
 # The exit code Docker reports for a container killed by SIGKILL.
 KILLED_EXIT_CODE = 137
