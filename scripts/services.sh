@@ -2,8 +2,8 @@
 # Make sure the real services the test suite needs are answering, installing
 # (Debian packages) and starting them when needed.  No systemd is assumed.
 #
-#   bash scripts/services.sh all        postgres, redis, docker, image (in order)
-#   bash scripts/services.sh postgres | redis | docker | image
+#   bash scripts/services.sh all        postgres, redis, docker, image, browser (in order)
+#   bash scripts/services.sh postgres | redis | docker | image | browser
 #   bash scripts/services.sh status     one line per service; non-zero if any is down
 #
 # Environment (defaults):
@@ -533,9 +533,28 @@ status_image() {
     return 1
 }
 
+# ------------------------------------------------------------- browser ------
+# The admin's end-to-end test drives Debian's Chromium through Playwright; no browser
+# is ever downloaded.
+CHROMIUM="${DCC_CHROMIUM:-/usr/bin/chromium}"
+
+ensure_browser() {
+    if [ ! -x "$CHROMIUM" ]; then
+        apt_install browser chromium
+    fi
+    [ -x "$CHROMIUM" ] || fail browser "$CHROMIUM is missing after installing chromium"
+    log "browser: $("$CHROMIUM" --version 2>/dev/null | head -n 1)"
+}
+
+status_browser() {
+    if [ -x "$CHROMIUM" ]; then log "browser: $CHROMIUM present"; return 0; fi
+    log "browser: DOWN ($CHROMIUM missing)"
+    return 1
+}
+
 # --------------------------------------------------------------- main ------
 usage() {
-    echo "usage: bash scripts/services.sh {all|postgres|redis|docker|image|status}" >&2
+    echo "usage: bash scripts/services.sh {all|postgres|redis|docker|image|browser|status}" >&2
     exit 2
 }
 
@@ -552,7 +571,8 @@ command -v python3 >/dev/null || fail services "python3 is needed to parse the s
 cmd="${1:-}"
 [ "$#" -le 1 ] || usage
 case "$cmd" in
-    all) take_lock; ensure_postgres; ensure_redis; ensure_docker; ensure_image ;;
+    all) take_lock; ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_browser ;;
+    browser) take_lock; ensure_browser ;;
     postgres) take_lock; ensure_postgres ;;
     redis) take_lock; ensure_redis ;;
     docker) take_lock; ensure_docker ;;
@@ -563,6 +583,7 @@ case "$cmd" in
         status_redis || rc=1
         status_docker || rc=1
         status_image || rc=1
+        status_browser || rc=1
         exit "$rc"
         ;;
     *) usage ;;
