@@ -45,6 +45,7 @@ test: install services lint typecheck migrations-check pytest
 
 bench: install services
 	$(PY) bench/claim_throughput.py
+	$(PY) bench/admin_changelist.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-output

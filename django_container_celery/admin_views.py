@@ -18,10 +18,12 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from . import states
+from .forms import EDITABLE_STATUSES, LOCKED_STATUSES
 from .models import ContainerJob, ExecutorHost
 from .queue import queue_manager
 from .states import Status
@@ -34,10 +36,6 @@ QUEUE_STATUS_CHOICES: list[tuple[str, Any]] = [
     ("launched", _("Launched")),
     ("launch_failed", _("Launch failed")),
 ]
-
-# A job's definition may change only while no container exists for its current attempt.
-EDITABLE_STATUSES = frozenset({Status.PENDING, Status.QUEUED, Status.RETRYING, Status.FAILED})
-LOCKED_STATUSES = frozenset(Status) - EDITABLE_STATUSES
 
 _WAITING = sorted(states.WAITING)
 
@@ -58,12 +56,13 @@ def queue_status_q(value: str, now: datetime | None = None) -> Q | None:
         return waiting & later
     if value == "queued":
         return (waiting & due) | launching
+    pending = Q(status=Status.PENDING)
     if value == "launched":
-        return not_waiting & Q(launched_at__isnull=False)
+        return not_waiting & ~pending & Q(launched_at__isnull=False)
     if value == "launch_failed":
         return Q(status=Status.FAILED, launched_at__isnull=True)
     if value == "not_queued":
-        return not_waiting & ~Q(status=Status.FAILED) & Q(launched_at__isnull=True)
+        return pending | (not_waiting & ~Q(status=Status.FAILED) & Q(launched_at__isnull=True))
     return None
 
 
@@ -78,7 +77,7 @@ def job_label(job: ContainerJob) -> str:
 class ActionReport:
     """How many jobs an operation changed, and which it skipped and why."""
 
-    verb: str
+    verb: str | Promise
     changed: int = 0
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
@@ -121,7 +120,7 @@ Outcome = str | None  # None: the job changed; otherwise why it was skipped
 
 
 def _status_reason(status: str) -> str:
-    reasons = {
+    reasons: dict[str, str] = {
         Status.PENDING: "not queued",
         Status.QUEUED: "already queued",
         Status.RETRYING: "already waiting for a retry",
@@ -201,8 +200,8 @@ class JobOperation:
     """One operation offered both as a bulk action and as a button on a row."""
 
     name: str
-    label: str
-    verb: str
+    label: str | Promise
+    verb: str | Promise
     # The custom permission needed besides change: "queue" or "cancel".
     permission: str
     # Statuses in which the button is offered.
@@ -215,32 +214,32 @@ OPERATIONS: dict[str, JobOperation] = {
     for op in (
         JobOperation(
             "queue",
-            str(_("Queue")),
-            str(_("Queued")),
+            _("Queue"),
+            _("Queued"),
             "queue",
             frozenset({Status.PENDING}),
             queue_one,
         ),
         JobOperation(
             "dequeue",
-            str(_("Dequeue")),
-            str(_("Dequeued")),
+            _("Dequeue"),
+            _("Dequeued"),
             "queue",
             states.WAITING,
             dequeue_one,
         ),
         JobOperation(
             "cancel",
-            str(_("Cancel")),
-            str(_("Cancelled")),
+            _("Cancel"),
+            _("Cancelled"),
             "cancel",
             states.CANCELLABLE,
             cancel_one,
         ),
         JobOperation(
             "retry",
-            str(_("Retry")),
-            str(_("Queued again")),
+            _("Retry"),
+            _("Queued again"),
             "queue",
             frozenset({Status.FAILED}),
             retry_one,
@@ -250,7 +249,7 @@ OPERATIONS: dict[str, JobOperation] = {
 
 
 def run_operation(
-    jobs: Iterable[ContainerJob], verb: str, operation: Callable[[ContainerJob], Outcome]
+    jobs: Iterable[ContainerJob], verb: str | Promise, operation: Callable[[ContainerJob], Outcome]
 ) -> ActionReport:
     report = ActionReport(verb)
     for job in jobs:
@@ -258,10 +257,12 @@ def run_operation(
     return report
 
 
-def set_priority(queryset: QuerySet[ContainerJob], value: int, verb: str) -> ActionReport:
+def set_priority(queryset: QuerySet[ContainerJob], value: int, verb: str | Promise) -> ActionReport:
     """Set the priority of every selected job that has not started, in one UPDATE."""
     report = ActionReport(verb)
-    jobs = list(queryset.only("pk", "name", "docker_image", "status", "priority"))
+    jobs = list(
+        queryset.select_related(None).only("pk", "name", "docker_image", "status", "priority")
+    )
     eligible = []
     for job in jobs:
         if job.status in LOCKED_STATUSES:

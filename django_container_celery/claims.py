@@ -309,7 +309,7 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        to_python = ContainerJob._meta.pk.to_python  # type: ignore[union-attr]
+        to_python = ContainerJob._meta.pk.to_python
         return [to_python(row[0]) for row in cursor.fetchall()]
 
 

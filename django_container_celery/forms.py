@@ -17,15 +17,43 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .models import ContainerJob
+from .states import Status
 from .validators import ENV_KEY_RE, MASK, is_secret_key
 
 __all__ = [
+    "DEFINITION_FIELDS",
+    "EDITABLE_STATUSES",
+    "LOCKED_STATUSES",
     "ContainerJobForm",
     "EnvironmentField",
     "ScheduleForm",
     "format_environment",
     "parse_environment",
 ]
+
+# A job's definition may change only while no container exists for its current attempt:
+# once launching, the worker has read it, and a finished job is a record of what ran.
+EDITABLE_STATUSES = frozenset({Status.PENDING, Status.QUEUED, Status.RETRYING, Status.FAILED})
+LOCKED_STATUSES = frozenset(Status) - EDITABLE_STATUSES
+
+# Fields a person defines; everything else on a job is written by the queue and workers.
+DEFINITION_FIELDS = (
+    "name",
+    "description",
+    "docker_image",
+    "command",
+    "working_directory",
+    "environment",
+    "bind_mounts",
+    "memory_limit",
+    "cpu_limit",
+    "timeout_seconds",
+    "docker_host",
+    "priority",
+    "max_retries",
+    "retry_strategy",
+    "retry_exit_codes",
+)
 
 
 def format_environment(environment: dict[str, Any], masked: bool = True) -> str:
@@ -161,7 +189,7 @@ class ContainerJobForm(forms.ModelForm):
 
     class Meta:
         model = ContainerJob
-        fields = "__all__"
+        fields = DEFINITION_FIELDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

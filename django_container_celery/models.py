@@ -316,6 +316,8 @@ class ContainerJob(models.Model):
             return "queued"
         if self.status == Status.LAUNCHING:
             return "queued"
+        if self.status == Status.PENDING:
+            return "not_queued"  # dequeued, even if an earlier attempt ran
         if self.launched_at is not None:
             return "launched"
         if self.status == Status.FAILED:

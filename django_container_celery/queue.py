@@ -242,6 +242,11 @@ class JobQueueManager:
     # -- metrics and failures -------------------------------------------------------------
 
     def get_worker_metrics(self) -> dict[str, int]:
+        stats = self.get_queue_stats()
+        return {key: stats[key] for key in _METRIC_KEYS}
+
+    def get_queue_stats(self) -> dict[str, Any]:
+        """Metrics, counts by status and the oldest waiting job, in one pass over the table."""
         now = timezone.now()
         due = Q(scheduled_for__isnull=True) | Q(scheduled_for__lte=now)
         waiting = Q(status__in=states.WAITING)
@@ -250,21 +255,13 @@ class JobQueueManager:
             scheduled_future=Count("pk", filter=waiting & Q(scheduled_for__gt=now)),
             running=Count("pk", filter=Q(status__in=states.ACTIVE)),
             launch_failed=Count("pk", filter=Q(status=Status.FAILED, launched_at__isnull=True)),
+            oldest_waiting_since=Min("queued_at", filter=waiting),
+            **{f"status_{s.value}": Count("pk", filter=Q(status=s.value)) for s in Status},
         )
-        counts["queue_depth"] = counts["ready_now"] + counts["scheduled_future"]
-        return counts
-
-    def get_queue_stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = dict(self.get_worker_metrics())
-        by_status = dict(
-            ContainerJob.objects.order_by()
-            .values_list("status")
-            .annotate(n=Count("pk"))
-            .values_list("status", "n")
-        )
-        stats["by_status"] = {s.value: by_status.get(s.value, 0) for s in Status}
-        oldest = ContainerJob.objects.waiting().aggregate(oldest=Min("queued_at"))["oldest"]
-        stats["oldest_waiting_since"] = oldest
+        stats: dict[str, Any] = {key: counts[key] for key in _METRIC_KEYS if key in counts}
+        stats["queue_depth"] = counts["ready_now"] + counts["scheduled_future"]
+        stats["by_status"] = {s.value: counts[f"status_{s.value}"] for s in Status}
+        stats["oldest_waiting_since"] = counts["oldest_waiting_since"]
         return stats
 
     def get_failed_jobs(self, include_retrying: bool = False) -> QuerySet[ContainerJob]:
@@ -356,6 +353,9 @@ class JobQueueManager:
             status__in=states.FINAL, completed_at__lt=cutoff
         ).delete()
         return deleted
+
+
+_METRIC_KEYS = ("queue_depth", "ready_now", "scheduled_future", "running", "launch_failed")
 
 
 def _is_uuid(value: str) -> bool:

@@ -6,6 +6,7 @@ ended together by process group; only processes started here are ever signalled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,18 +66,14 @@ class Proc:
         return self.popen.poll() is None
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout: float = 15) -> None:
         if self.alive():
             self.signal_group(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.signal_group(signal.SIGKILL)  # pool children left behind, if any
         if self.alive():
             self.popen.wait(10)
