@@ -445,7 +445,8 @@ class ContainerJob(models.Model):
                 as_claimant=as_claimant,
                 retry_count=retry_count,
                 scheduled_for=now + timedelta(seconds=delay),
-                **{**error_fields, **_CLEARED_CLAIM, **fields},
+                # The message that ran this attempt is used up: dispatch sends the next.
+                **{**error_fields, **_CLEARED_CLAIM, "dispatched_at": None, **fields},
             )
         else:
             self.transition_to(

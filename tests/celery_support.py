@@ -199,9 +199,14 @@ def celery_cluster(broker_url: str, **overrides: Any) -> Iterator[CeleryCluster]
     """Point the in-process Celery app at ``broker_url`` and clean up every process."""
     from .celery_app import app
 
+    # Celery prefers CELERY_BROKER_URL / CELERY_RESULT_BACKEND from the environment to its
+    # configuration: switch them too, or this process stays on the old broker.
+    env_keys = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+    saved_env = {key: os.environ.get(key) for key in env_keys}
     previous = (app.conf.broker_url, app.conf.result_backend)
     switched = previous != (broker_url, broker_url)
     if switched:
+        os.environ.update(dict.fromkeys(env_keys, broker_url))
         app.conf.broker_url = broker_url
         app.conf.result_backend = broker_url
         _reset_app_connections(app)
@@ -213,6 +218,11 @@ def celery_cluster(broker_url: str, **overrides: Any) -> Iterator[CeleryCluster]
     finally:
         cluster.stop()
         if switched:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             app.conf.broker_url, app.conf.result_backend = previous
             _reset_app_connections(app)
 

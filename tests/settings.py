@@ -103,6 +103,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "queue_order_strategy": "priority",
 }
 CELERY_RESULT_EXPIRES = 3600
+# Fail fast when Redis is down: delay() then leaves the job queued for dispatch instead of
+# blocking the caller while the result backend retries (its default is about 20 s).
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {
+    "retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+}
 
 CONTAINER_CELERY = {
     "DEFAULT_DOCKER_HOST": DOCKER_HOST,

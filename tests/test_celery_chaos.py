@@ -1,0 +1,297 @@
+"""Chaos against real Celery processes: workers killed or shut down mid-job, the broker
+stopped while jobs are queued. The database row must stay the truth throughout: nothing is
+lost, nothing runs twice, nothing stays ``running`` forever.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import docker.errors
+import pytest
+
+from django_container_celery.models import ContainerJob
+from django_container_celery.states import Status
+
+from .celery_app import app
+from .celery_support import (
+    Proc,
+    RedisServer,
+    celery_cluster,
+    wait_for,
+)
+from .conftest import containers_of
+
+pytestmark = [
+    pytest.mark.celery,
+    pytest.mark.docker,
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+]
+
+# Short leases so that a dead worker's job is rescued within seconds.
+RESCUE_SETTINGS = {"LEASE_SECONDS": 3, "KEEP_CONTAINERS": True}
+
+
+def make_job(image: str, command: str, **fields: Any) -> ContainerJob:
+    fields.setdefault("timeout_seconds", 120)
+    return ContainerJob.objects.create_job(docker_image=image, command=command, **fields)
+
+
+def reload(job: ContainerJob) -> ContainerJob:
+    return ContainerJob.objects.get(pk=job.pk)
+
+
+def wait_running(job: ContainerJob, timeout: float = 60) -> ContainerJob:
+    def running() -> ContainerJob | None:
+        row = reload(job)
+        assert not row.is_final, f"job ended before it could be interrupted: {row.status}"
+        return row if row.status == Status.RUNNING else None
+
+    return wait_for(running, timeout, interval=0.05, message="job never reached running")
+
+
+def wait_exit(proc: Proc, timeout: float = 30) -> None:
+    wait_for(lambda: not proc.alive(), timeout, message=f"{proc.name} did not exit")
+
+
+def container_state(docker_client: Any, job: ContainerJob) -> str:
+    container = docker_client.containers.get(reload(job).container_name)
+    return str(container.status)
+
+
+def remove_containers(docker_client: Any, job: ContainerJob) -> None:
+    for container in containers_of(docker_client, job.pk):
+        container.remove(force=True)
+
+
+def no_containers(docker_client: Any, job: ContainerJob) -> bool:
+    """True once the job's containers are gone (removal follows the final write)."""
+    try:
+        return containers_of(docker_client, job.pk) == []
+    except docker.errors.NotFound:  # removed while being listed
+        return False
+
+
+def watch_until_final(job: ContainerJob, timeout: float) -> tuple[ContainerJob, set[str]]:
+    """Wait for the job to be final; also return every claim owner seen on the way."""
+    owners: set[str] = set()
+
+    def final() -> ContainerJob | None:
+        row = reload(job)
+        if row.claimed_by:
+            owners.add(row.claimed_by)
+        return row if row.is_final else None
+
+    try:
+        row = wait_for(final, timeout, interval=0.05)
+    except AssertionError:
+        row = reload(job)
+        raise AssertionError(
+            f"job still {row.status} after {timeout}s (owner {row.claimed_by!r}, "
+            f"lease {row.lease_expires_at}, error {row.last_error!r})"
+        ) from None
+    return row, owners
+
+
+def ran_task(proc: Proc, task_id: str) -> bool:
+    text = proc.log_path.read_text(errors="replace")
+    return f"[{task_id}] succeeded" in text
+
+
+def wait_ran_task(proc: Proc, task_id: str) -> None:
+    """The worker logs success just after the task's last database write."""
+    wait_for(
+        lambda: ran_task(proc, task_id),
+        20,
+        message=f"{proc.name} did not run task {task_id}:\n{proc.log_tail()}",
+    )
+
+
+# -- a worker killed with SIGKILL -------------------------------------------------------------
+
+
+def test_sigkilled_worker_running_container_is_adopted_and_followed(
+    broker_url: str, test_image: str, docker_client: Any
+) -> None:
+    job = make_job(test_image, "sh -c 'sleep 6; echo survived'")
+    try:
+        with celery_cluster(broker_url, **RESCUE_SETTINGS) as cluster:
+            worker_a = cluster.worker("wa", concurrency=1)
+            job.delay()
+            running = wait_running(job)
+            owner_a = running.claimed_by
+            worker_a.signal_group(signal.SIGKILL)
+            wait_exit(worker_a)
+            killed_at = time.monotonic()
+
+            # Nothing was written by the dead worker; its container runs on in Docker.
+            after_kill = reload(job)
+            assert after_kill.status == Status.RUNNING and after_kill.claimed_by == owner_a
+            assert container_state(docker_client, job) == "running"
+
+            worker_b = cluster.worker("wb", concurrency=1)
+            cluster.beat()
+            final, owners = watch_until_final(job, timeout=60)
+            rescued_in = time.monotonic() - killed_at
+
+            containers = containers_of(docker_client, job.pk)
+            print(f"containers labelled with the job: {len(containers)}; owners seen: {owners}")
+            print(f"completed {rescued_in:.1f}s after the kill")
+            assert final.status == Status.COMPLETED, final.last_error
+            assert final.stdout_log == "survived\n" and final.exit_code == 0
+            assert len(containers) == 1 and containers[0].name == f"dcc-{job.pk}-a1"
+            assert final.attempt == 1 and final.retry_count == 0
+            # The rescuing worker took the claim over and finished the job's own task.
+            assert any(owner != owner_a for owner in owners), owners
+            wait_ran_task(worker_b, final.celery_task_id)
+            assert not ran_task(worker_a, final.celery_task_id)
+    finally:
+        remove_containers(docker_client, job)
+
+
+def test_sigkilled_worker_exited_container_is_harvested(
+    broker_url: str, test_image: str, docker_client: Any
+) -> None:
+    job = make_job(test_image, "sh -c 'sleep 1; echo quick'")
+    try:
+        with celery_cluster(broker_url, **RESCUE_SETTINGS) as cluster:
+            worker_a = cluster.worker("wa", concurrency=1)
+            job.delay()
+            owner_a = wait_running(job).claimed_by
+            worker_a.signal_group(signal.SIGKILL)
+            wait_exit(worker_a)
+            # The container ends while no worker is alive to see it.
+            wait_for(
+                lambda: container_state(docker_client, job) == "exited",
+                30,
+                message="container did not exit",
+            )
+            orphaned = reload(job)
+            assert orphaned.status == Status.RUNNING and orphaned.claimed_by == owner_a
+            assert orphaned.exit_code is None
+
+            worker_b = cluster.worker("wb", concurrency=1)
+            cluster.beat()
+            final, owners = watch_until_final(job, timeout=60)
+            containers = containers_of(docker_client, job.pk)
+            print(f"containers labelled with the job: {len(containers)}; owners seen: {owners}")
+
+            assert final.status == Status.COMPLETED, final.last_error
+            assert final.stdout_log == "quick\n" and final.exit_code == 0
+            assert final.attempt == 1 and len(containers) == 1
+            wait_ran_task(worker_b, final.celery_task_id)
+    finally:
+        remove_containers(docker_client, job)
+
+
+# -- the broker stopped while a job is queued ------------------------------------------------
+
+
+def test_job_queued_while_redis_is_down_runs_once_redis_is_back(
+    test_image: str, docker_client: Any
+) -> None:
+    redis = RedisServer()
+    redis.start()
+    try:
+        with celery_cluster(redis.url) as cluster:
+            worker = cluster.worker("w1", concurrency=1)
+            cluster.beat()
+            redis.stop()
+
+            job = make_job(test_image, "echo after-outage")
+            started = time.monotonic()
+            job.delay()  # must not raise: the database keeps the job
+            took = time.monotonic() - started
+            print(f"delay() with the broker down returned in {took:.2f}s")
+            queued = reload(job)
+            assert queued.status == Status.QUEUED and queued.dispatched_at is None
+            # The result backend's retries are capped in tests/settings.py; by default Celery
+            # retries its Redis subscription for about 20 s before the send gives up.
+            assert took < 45
+
+            # Let worker and beat notice the outage before the broker comes back.
+            wait_for(
+                lambda: "Connection to broker lost" in worker.log_path.read_text(errors="replace"),
+                30,
+                message="the worker never noticed the outage",
+            )
+            assert reload(job).status == Status.QUEUED
+
+            redis.start()  # same port, empty: every message sent before is gone
+            final, _ = watch_until_final(job, timeout=90)
+            assert final.status == Status.COMPLETED, final.last_error
+            assert final.stdout_log == "after-outage\n"
+            assert final.attempt == 1
+            wait_for(lambda: no_containers(docker_client, final), 20, message="container kept")
+            # This process's result backend recovered too: the job's result can be read.
+            result = app.AsyncResult(final.celery_task_id).get(timeout=30)
+            assert result["stdout"] == "after-outage\n"
+    finally:
+        redis.stop()
+
+
+# -- warm and cold shutdown ---------------------------------------------------------------
+
+
+def test_warm_shutdown_finishes_the_running_job_first(
+    broker_url: str, test_image: str, docker_client: Any
+) -> None:
+    job = make_job(test_image, "sh -c 'sleep 3; echo warm'")
+    with celery_cluster(broker_url) as cluster:
+        worker = cluster.worker("w1", concurrency=1)
+        job.delay()
+        wait_running(job)
+        worker.popen.send_signal(signal.SIGTERM)  # the main process only, like an init system
+        seen: list[tuple[bool, str]] = []
+
+        def exited() -> bool:
+            alive = worker.alive()  # read before the row: an exit implies what follows
+            seen.append((alive, reload(job).status))
+            return not alive
+
+        wait_for(exited, 60, interval=0.05, message="worker did not finish its warm shutdown")
+
+    assert (True, Status.RUNNING) in seen, "the worker exited without waiting for its job"
+    assert seen[-1] == (False, Status.COMPLETED), seen[-1]
+    assert worker.popen.returncode == 0
+    final = reload(job)
+    assert final.stdout_log == "warm\n" and final.exit_code == 0
+    wait_for(lambda: no_containers(docker_client, final), 20, message="container kept")
+
+
+def test_cold_shutdown_leaves_job_running_for_rescue(
+    broker_url: str, test_image: str, docker_client: Any
+) -> None:
+    job = make_job(test_image, "sh -c 'sleep 8; echo cold'")
+    try:
+        with celery_cluster(broker_url, **RESCUE_SETTINGS) as cluster:
+            worker_a = cluster.worker("wa", concurrency=1)
+            job.delay()
+            owner_a = wait_running(job).claimed_by
+            # Warm shutdown first, then the operator insists: cold shutdown.
+            worker_a.popen.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            worker_a.popen.send_signal(signal.SIGQUIT)
+            wait_exit(worker_a, timeout=30)
+
+            left = reload(job)
+            assert left.status == Status.RUNNING, (left.status, left.last_error)
+            assert left.claimed_by == owner_a and left.exit_code is None
+            assert left.stdout_log == "" and left.completed_at is None
+            assert container_state(docker_client, job) == "running"
+
+            worker_b = cluster.worker("wb", concurrency=1)
+            cluster.beat()
+            final, owners = watch_until_final(job, timeout=60)
+            containers = containers_of(docker_client, job.pk)
+            print(f"containers labelled with the job: {len(containers)}; owners seen: {owners}")
+
+            assert final.status == Status.COMPLETED, final.last_error
+            assert final.stdout_log == "cold\n" and final.exit_code == 0
+            assert len(containers) == 1 and final.attempt == 1
+            wait_ran_task(worker_b, final.celery_task_id)
+    finally:
+        remove_containers(docker_client, job)
