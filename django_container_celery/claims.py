@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from . import states
@@ -48,24 +49,19 @@ def lease_deadline(now: datetime | None = None) -> datetime:
     return (now or timezone.now()) + timedelta(seconds=app_settings.LEASE_SECONDS)
 
 
-def host_loads() -> list[HostLoad]:
-    """Capacity and current load of every active host, in one query."""
-    rows = ExecutorHost.objects.filter(is_active=True).values_list(
-        "id", "max_concurrent_jobs", "weight"
+def host_loads(include_inactive: bool = False) -> list[HostLoad]:
+    """Capacity and current load (launching + running jobs) of the hosts, in one query."""
+    active = Q(assigned_jobs__status__in=states.ACTIVE)
+    hosts = ExecutorHost.objects.order_by("pk")
+    if not include_inactive:
+        hosts = hosts.filter(is_active=True)
+    rows = hosts.annotate(load=Count("assigned_jobs", filter=active)).values_list(
+        "id", "max_concurrent_jobs", "weight", "is_active", "load"
     )
-    counts = dict(
-        ContainerJob.objects.filter(status__in=states.ACTIVE, assigned_host__isnull=False)
-        .values_list("assigned_host")
-        .annotate(n=_count())
-        .values_list("assigned_host", "n")
-    )
-    return [HostLoad(pk, cap, weight, counts.get(pk, 0)) for pk, cap, weight in rows]
-
-
-def _count() -> Any:
-    from django.db.models import Count
-
-    return Count("id")
+    return [
+        HostLoad(pk, cap if is_active else 0, weight, load)
+        for pk, cap, weight, is_active, load in rows
+    ]
 
 
 def choose_host(loads: Sequence[HostLoad]) -> int | None:
@@ -207,8 +203,8 @@ def _serialize_claims() -> None:
 
 def _placement() -> tuple[list[int] | None, int | None]:
     """(hosts with a free slot or None when there are no hosts, host for unpinned jobs)."""
-    loads = host_loads()
-    if not loads and not ExecutorHost.objects.exists():
+    loads = host_loads(include_inactive=True)  # inactive ones have no capacity
+    if not loads:
         return None, None
     return [load.host_id for load in loads if load.free > 0], choose_host(loads)
 

@@ -115,10 +115,13 @@ def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcom
 
 
 def _describe(exc: BaseException) -> str:
+    """The error for ``last_error``: the runtime's own message, with our context if any."""
     original = getattr(exc, "original", None)
-    if original is not None and str(original):
-        return f"{type(original).__name__}: {original}"
-    return f"{type(exc).__name__}: {exc}"
+    if original is None or not str(original):
+        return f"{type(exc).__name__}: {exc}"
+    if str(original) in str(exc):  # the wrapper already quotes it, with context
+        return f"{type(original).__name__}: {exc}"
+    return f"{type(original).__name__}: {original}"
 
 
 def _discard(executor: Executor, name: str) -> None:

@@ -68,6 +68,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self.verbose = options["verbose"]
         self.stopping = threading.Event()
+        # Set by signal handlers, acted on by the loop (see _install_signals).
+        self.stop_signal: int | None = None
+        self.metrics_requested = False
         worker_id = options["worker_id"] or default_worker_id()
         manager = JobQueueManager(worker_id=worker_id)
         limit = options["max_concurrent"] or app_settings.MAX_CONCURRENT_JOBS
@@ -86,10 +89,21 @@ class Command(BaseCommand):
             if deadline is not None and time.monotonic() >= deadline:
                 self.stdout.write("time limit reached")
                 break
-            self.stopping.wait(options["poll_interval"])
+            self._pause(manager, options["poll_interval"])
+        self._attend_signals(manager)
         self._shutdown(manager, options["shutdown_timeout"])
 
     # -- one round ----------------------------------------------------------------------
+
+    def _pause(self, manager: JobQueueManager, seconds: float) -> None:
+        """Wait between rounds, answering signals within a tenth of a second."""
+        end = time.monotonic() + seconds
+        while True:
+            self._attend_signals(manager)
+            left = end - time.monotonic()
+            if left <= 0 or self.stopping.is_set():
+                return
+            time.sleep(min(0.1, left))
 
     def _round(self, manager: JobQueueManager, limit: int, queue_pending: bool) -> None:
         if queue_pending:
@@ -120,12 +134,14 @@ class Command(BaseCommand):
             if deadline is not None and time.monotonic() >= deadline:
                 return
             time.sleep(min(1.0, float(app_settings.POLL_INTERVAL)))
+            self._attend_signals(manager)
             manager.harvest_finished_jobs()
 
     def _shutdown(self, manager: JobQueueManager, timeout: float | None) -> None:
         wait = app_settings.SHUTDOWN_TIMEOUT if timeout is None else timeout
         end = time.monotonic() + wait
         while self._own_running(manager) and time.monotonic() < end:
+            self._attend_signals(manager)
             manager.harvest_finished_jobs()
             time.sleep(min(0.5, max(0.0, end - time.monotonic())))
         left = self._own_running(manager)
@@ -140,18 +156,31 @@ class Command(BaseCommand):
     # -- signals and reporting --------------------------------------------------------------
 
     def _install_signals(self, manager: JobQueueManager) -> None:
+        # A handler runs between two bytecodes, possibly in the middle of a query on the
+        # very connection it would use, which would then wait forever for a lock the
+        # interrupted code holds. So handlers only record the request; the loop acts on it.
         def stop(signum: int, frame: FrameType | None) -> None:
-            if self.stopping.is_set() and signum == signal.SIGINT:
+            stopping = self.stop_signal is not None or self.stopping.is_set()
+            if stopping and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: leave now
-            self.stdout.write(f"received {signal.Signals(signum).name}: no new jobs, finishing")
-            self.stopping.set()
+            self.stop_signal = signum
 
         def metrics(signum: int, frame: FrameType | None) -> None:
-            self.stdout.write(json.dumps(manager.get_worker_metrics(), sort_keys=True))
+            self.metrics_requested = True
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGUSR1, metrics)
+
+    def _attend_signals(self, manager: JobQueueManager) -> None:
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            self.stop_signal = None
+            self.stdout.write(f"received {name}: no new jobs, finishing")
+            self.stopping.set()
+        if self.metrics_requested:
+            self.metrics_requested = False
+            self.stdout.write(json.dumps(manager.get_worker_metrics(), sort_keys=True))
 
     def _dry_run(self, manager: JobQueueManager, limit: int) -> None:
         free = max(0, limit - ContainerJob.objects.active().count())
