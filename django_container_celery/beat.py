@@ -35,10 +35,13 @@ def periodic_tasks() -> dict[str, tuple[str, float]]:
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
     """Entries for Celery's ``beat_schedule`` setting."""
-    return {
-        name: {"task": task, "schedule": every, "options": {"expires": max(every, 1.0)}}
-        for name, (task, every) in periodic_tasks().items()
-    }
+    entries = {}
+    for name, (task, every) in periodic_tasks().items():
+        options: dict[str, Any] = {"expires": max(every, 1.0)}
+        if app_settings.TASK_QUEUE:
+            options["queue"] = app_settings.TASK_QUEUE
+        entries[name] = {"task": task, "schedule": every, "options": options}
+    return entries
 
 
 def install_periodic_tasks() -> list[tuple[str, str]]:
@@ -55,13 +58,17 @@ def install_periodic_tasks() -> list[tuple[str, str]]:
         interval, _ = IntervalSchedule.objects.get_or_create(
             every=seconds, period=IntervalSchedule.SECONDS
         )
+        queue = app_settings.TASK_QUEUE or None
         existing = PeriodicTask.objects.filter(name=name).first()
         if existing is None:
-            PeriodicTask.objects.create(name=name, task=task, interval=interval, enabled=True)
+            PeriodicTask.objects.create(
+                name=name, task=task, interval=interval, queue=queue, enabled=True
+            )
             results.append((name, "created"))
-        elif existing.task != task or existing.interval_id != interval.pk:
+        elif (existing.task, existing.interval_id, existing.queue) != (task, interval.pk, queue):
             existing.task = task
             existing.interval = interval
+            existing.queue = queue
             existing.save()
             results.append((name, "updated"))
         else:

@@ -19,7 +19,7 @@ BROKER_LEVELS = 10
 def priority_level(job_priority: int) -> int:
     """0..9, higher for more urgent jobs."""
     clamped = min(100, max(0, int(job_priority)))
-    return round(clamped * (BROKER_LEVELS - 1) / 100)
+    return int(clamped * (BROKER_LEVELS - 1) / 100 + 0.5)  # half up, not to even
 
 
 def broker_priority(job_priority: int, broker_url: str) -> int:
