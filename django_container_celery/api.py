@@ -23,24 +23,7 @@ logger = logging.getLogger(__name__)
 
 RUN_TASK = "django_container_celery.run_container_job"
 
-# Definition fields copied from a template job and accepted by container_task.
-DEFINITION_FIELDS = (
-    "name",
-    "description",
-    "docker_image",
-    "command",
-    "working_directory",
-    "environment",
-    "bind_mounts",
-    "memory_limit",
-    "cpu_limit",
-    "timeout_seconds",
-    "docker_host",
-    "priority",
-    "max_retries",
-    "retry_strategy",
-    "retry_exit_codes",
-)
+DEFINITION_FIELDS = ContainerJob.DEFINITION_FIELDS
 
 
 def job_result(job: ContainerJob) -> dict[str, Any]:

@@ -15,7 +15,7 @@ serializes writers by itself.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -151,6 +151,7 @@ class _ClaimSQL:
         exclude_ids: Sequence[Any] = (),
         limit: int = 1,
         lock: bool = True,
+        only_id: Any = None,
     ) -> tuple[str, list[Any]]:
         """SELECT of the first ready job ids, in launch order, that could run now.
 
@@ -164,6 +165,9 @@ class _ClaimSQL:
               AND (r.scheduled_for IS NULL OR r.scheduled_for <= %s)
         """
         params: list[Any] = [_db_time(now)]
+        if only_id is not None:
+            sql += " AND r.id = %s"
+            params.append(only_id)
         if free_hosts is not None:
             pinned = "r.docker_host_id IN ({})".format(
                 ", ".join(["%s"] * len(free_hosts)) if free_hosts else "NULL"
@@ -214,30 +218,50 @@ def _run_claim(sql: str, params: list[Any]) -> ContainerJob | None:
     return rows[0] if rows else None
 
 
-def claim_next(
+Target = tuple[str, list[Any]]
+
+
+def _claim(
     worker_id: str,
-    max_concurrent: int | None = None,
-    exclude_ids: Sequence[Any] = (),
+    max_concurrent: int | None,
+    choose: Callable[[_ClaimSQL, datetime, list[int] | None, int | None, int], Target | None],
 ) -> ContainerJob | None:
-    """Claim the first ready job (priority, then FIFO) that has room to run, or None."""
+    """Run one claim: serialize, place, then the UPDATE of the row ``choose`` selects."""
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
     now = timezone.now()
     with transaction.atomic():
         _serialize_claims()
         free_hosts, default_host = _placement()
         builder = _ClaimSQL()
-        target, target_params = builder.ready_ids(
-            now=now, free_hosts=free_hosts, default_host=default_host, exclude_ids=exclude_ids
-        )
+        chosen = choose(builder, now, free_hosts, default_host, limit)
+        if chosen is None:
+            return None
         sql, params = builder.update(
-            target=target,
-            target_params=target_params,
+            target=chosen[0],
+            target_params=chosen[1],
             worker_id=worker_id,
             default_host=default_host,
             max_concurrent=limit,
             now=now,
         )
         return _run_claim(sql, params)
+
+
+def claim_next(
+    worker_id: str,
+    max_concurrent: int | None = None,
+    exclude_ids: Sequence[Any] = (),
+) -> ContainerJob | None:
+    """Claim the first ready job (priority, then FIFO) that has room to run, or None."""
+
+    def first_ready(
+        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None, _: int
+    ) -> Target:
+        return builder.ready_ids(
+            now=now, free_hosts=free, default_host=default, exclude_ids=exclude_ids
+        )
+
+    return _claim(worker_id, max_concurrent, first_ready)
 
 
 def claim_job(
@@ -251,40 +275,23 @@ def claim_job(
     With ``in_turn`` the job must also be among the first ready jobs that fill the free
     slots, so messages that arrive out of order still start jobs by priority, then FIFO.
     """
-    limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
-    now = timezone.now()
-    with transaction.atomic():
-        _serialize_claims()
-        free_hosts, default_host = _placement()
-        builder = _ClaimSQL()
-        if in_turn:
-            free = max(0, limit - ContainerJob.objects.active().count())
-            if free == 0:
-                return None
-            ranked, ranked_params = builder.ready_ids(
-                now=now,
-                free_hosts=free_hosts,
-                default_host=default_host,
-                limit=free,
-                lock=False,
+
+    def this_job(
+        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None, limit: int
+    ) -> Target | None:
+        if not in_turn:
+            return builder.ready_ids(
+                now=now, free_hosts=free, default_host=default, only_id=_db_id(job_id)
             )
-            target = f"SELECT t.id FROM ({ranked}) t WHERE t.id = %s"
-            target_params = [*ranked_params, _db_id(job_id)]
-        else:
-            target, target_params = builder.ready_ids(
-                now=now, free_hosts=free_hosts, default_host=default_host
-            )
-            target = target.replace("WHERE r.status", "WHERE r.id = %s AND r.status", 1)
-            target_params = [_db_id(job_id), *target_params]
-        sql, params = builder.update(
-            target=target,
-            target_params=target_params,
-            worker_id=worker_id,
-            default_host=default_host,
-            max_concurrent=limit,
-            now=now,
+        slots = limit - ContainerJob.objects.active().count()
+        if slots <= 0:
+            return None
+        ranked, params = builder.ready_ids(
+            now=now, free_hosts=free, default_host=default, limit=slots, lock=False
         )
-        return _run_claim(sql, params)
+        return f"SELECT t.id FROM ({ranked}) t WHERE t.id = %s", [*params, _db_id(job_id)]
+
+    return _claim(worker_id, max_concurrent, this_job)
 
 
 def eligible_ready_ids(limit: int) -> list[Any]:

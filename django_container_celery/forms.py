@@ -36,24 +36,7 @@ __all__ = [
 EDITABLE_STATUSES = frozenset({Status.PENDING, Status.QUEUED, Status.RETRYING, Status.FAILED})
 LOCKED_STATUSES = frozenset(Status) - EDITABLE_STATUSES
 
-# Fields a person defines; everything else on a job is written by the queue and workers.
-DEFINITION_FIELDS = (
-    "name",
-    "description",
-    "docker_image",
-    "command",
-    "working_directory",
-    "environment",
-    "bind_mounts",
-    "memory_limit",
-    "cpu_limit",
-    "timeout_seconds",
-    "docker_host",
-    "priority",
-    "max_retries",
-    "retry_strategy",
-    "retry_exit_codes",
-)
+DEFINITION_FIELDS = ContainerJob.DEFINITION_FIELDS
 
 
 def format_environment(environment: dict[str, Any], masked: bool = True) -> str:

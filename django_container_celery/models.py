@@ -115,6 +115,24 @@ class ContainerJob(models.Model):
 
     Status = Status
     VALID_TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = states.VALID_TRANSITIONS
+    # Fields a person defines; everything else is written by the queue and its workers.
+    DEFINITION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "name",
+        "description",
+        "docker_image",
+        "command",
+        "working_directory",
+        "environment",
+        "bind_mounts",
+        "memory_limit",
+        "cpu_limit",
+        "timeout_seconds",
+        "docker_host",
+        "priority",
+        "max_retries",
+        "retry_strategy",
+        "retry_exit_codes",
+    )
 
     class RetryStrategyName(models.TextChoices):
         DEFAULT = "default", _("Default")
