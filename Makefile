@@ -46,6 +46,15 @@ test: install services lint typecheck migrations-check pytest
 bench: install services
 	$(PY) bench/claim_throughput.py
 	$(PY) bench/admin_changelist.py
+	$(PY) bench/dispatch_overhead.py
+	$(PY) bench/throughput.py
+
+# The demo runs on its own defaults (SQLite, a folder broker) unless the caller set
+# DATABASE_URL or CELERY_BROKER_URL: the values exported above are the tests' services.
+demo: install
+	$(if $(filter file,$(origin DATABASE_URL)),unset DATABASE_URL;) \
+	$(if $(filter file,$(origin CELERY_BROKER_URL)),unset CELERY_BROKER_URL;) \
+	PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-output

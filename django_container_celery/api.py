@@ -60,22 +60,21 @@ def enqueue(
         if job._state.adding:
             job.full_clean()
             job.save()
-        queue_manager.queue_job(job, schedule_for=schedule_for, priority=priority)
-        if job.celery_task_id != task_id:
-            ContainerJob.objects.filter(pk=job.pk).update(celery_task_id=task_id)
-            job.celery_task_id = task_id
+        queue_manager.queue_job(
+            job, schedule_for=schedule_for, priority=priority, celery_task_id=task_id
+        )
         if schedule_for is None:
-            job_id = job.pk
-            transaction.on_commit(lambda: _send_if_unsent(job_id))
+            transaction.on_commit(lambda: _send_if_unsent(job))
     return AsyncResult(task_id, app=current_app)
 
 
-def _send_if_unsent(job_id: Any) -> None:
+def _send_if_unsent(job: ContainerJob) -> None:
+    # The message carries only the job id; its options (priority, queue) come from the
+    # instance that was just queued, so no second read of the row is needed.
     marked = ContainerJob.objects.filter(
-        pk=job_id, dispatched_at__isnull=True, claimed_by="", status__in=["queued", "retrying"]
+        pk=job.pk, dispatched_at__isnull=True, claimed_by="", status__in=["queued", "retrying"]
     ).update(dispatched_at=timezone.now())
     if marked:
-        job = ContainerJob.objects.select_related("docker_host").get(pk=job_id)
         send_run_message(job)
 
 

@@ -65,8 +65,10 @@ class JobQueueManager:
         job: ContainerJob,
         schedule_for: datetime | None = None,
         priority: int | None = None,
+        celery_task_id: str | None = None,
     ) -> ContainerJob:
-        """Put a pending (or failed) job in the queue, optionally for later."""
+        """Put a pending (or failed) job in the queue, optionally for later (and record the
+        task id its messages will carry)."""
         if job.status in (Status.QUEUED, Status.RETRYING):
             raise ValueError(f"Job {job.pk} is already queued")
         if job.status in states.TERMINAL:
@@ -79,6 +81,8 @@ class JobQueueManager:
 
             validate_priority(priority)
             fields["priority"] = priority
+        if celery_task_id is not None:
+            fields["celery_task_id"] = celery_task_id
         job.mark_as_queued(scheduled_for=schedule_for, **fields)
         return job
 
@@ -306,8 +310,20 @@ class JobQueueManager:
         now = timezone.now()
         stale = now - timedelta(seconds=resend_after)
         unsent = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)
+        # Usually every candidate still has its message in flight: one read finds that,
+        # instead of one UPDATE per candidate that matches nothing.
+        wanted = {
+            _as_uuid(pk)
+            for pk in ContainerJob.objects.filter(
+                Q(pk__in=ids, status__in=statuses) & unsent
+            ).values_list("pk", flat=True)
+        }
+        if not wanted:
+            return []
         marked = []
         for job_id in ids:
+            if _as_uuid(job_id) not in wanted:
+                continue
             if ContainerJob.objects.filter(Q(pk=job_id, status__in=statuses) & unsent).update(
                 dispatched_at=now
             ):
@@ -337,9 +353,15 @@ class JobQueueManager:
                     "pk", "attempt"
                 )
             )
+            known = set(ContainerJob.objects.filter(pk__in=ids).values_list("pk", flat=True))
             for info in found:
+                job_id = uuid.UUID(info.job_id) if _is_uuid(info.job_id) else None
                 # Keep only the container of an active job's current attempt.
-                if _is_uuid(info.job_id) and (uuid.UUID(info.job_id), info.attempt) in current:
+                if (job_id, info.attempt) in current:
+                    continue
+                # A running container of a job this database does not know may belong to
+                # another installation sharing the daemon: never kill it.
+                if info.running and job_id not in known:
                     continue
                 remove_container(executor, info.name)
                 removed += 1
@@ -356,6 +378,11 @@ class JobQueueManager:
 
 
 _METRIC_KEYS = ("queue_depth", "ready_now", "scheduled_future", "running", "launch_failed")
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    """A job id as a UUID, whether the database driver gave a UUID or its hex text."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
 def _is_uuid(value: str) -> bool:

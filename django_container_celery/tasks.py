@@ -33,7 +33,13 @@ from .states import Status
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="django_container_celery.run_container_job", bind=True, acks_late=False)
+@shared_task(
+    name="django_container_celery.run_container_job",
+    bind=True,
+    acks_late=False,
+    # A failed job is an expected outcome, not a worker error: logged without a traceback.
+    throws=(ContainerJobFailed,),
+)
 def run_container_job(self: Any, job_id: str) -> dict[str, Any]:
     try:
         uuid.UUID(str(job_id))
@@ -64,7 +70,10 @@ def run_container_job(self: Any, job_id: str) -> dict[str, Any]:
     job.refresh_from_db()
     if progress is Progress.RUNNING or not job.is_final:
         if job.status == Status.RETRYING and self.request.id and not self.request.is_eager:
-            self.update_state(state="RETRY", meta={"job_id": str(job.pk), "error": job.last_error})
+            # Not Celery's RETRY: backends decode a RETRY result as an exception.
+            self.update_state(
+                state="RETRYING", meta={"job_id": str(job.pk), "error": job.last_error}
+            )
         raise Ignore()
     if job.status != Status.COMPLETED:
         raise ContainerJobFailed(f"job {job.pk} {job.status}: {job.last_error or 'no detail'}")

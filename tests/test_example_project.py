@@ -310,9 +310,19 @@ def test_demo_runs_end_to_end(tmp_path: Path, test_image: str) -> None:
     )
     assert done.returncode == 0, f"{output}\n--- worker and beat logs ---\n{logs}"
     assert "!!" not in output
-    assert "queued lowest priority first, started by priority" in output
+    assert "queued lowest priority first, claimed by priority" in output
     for status in ("completed", "failed"):
         assert status in output
+    # The only task errors are the jobs that were meant to fail.
+    worker_log = (tmp_path / "var" / "logs" / "worker.log").read_text(errors="replace")
+    unexpected = [
+        line
+        for line in worker_log.splitlines()
+        if ("raised unexpected:" in line and "ContainerJobFailed" not in line)
+        or "outside body" in line
+        or "Unrecoverable error" in line
+    ]
+    assert not unexpected, "\n".join(unexpected)
     # It stopped what it started: the worker and beat it reported are gone.
     pids = re.search(r"worker pid (\d+), beat pid (\d+)", output)
     assert pids is not None, output

@@ -108,6 +108,8 @@ class DockerExecutor(Executor):
         self._tls_factory: Callable[[], docker.tls.TLSConfig | None] | None = None
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
+        # Containers this executor started itself: a zero exit from their wait is real.
+        self._started: set[str] = set()
 
     @classmethod
     def for_host(cls, host: ExecutorHost) -> DockerExecutor:
@@ -145,9 +147,14 @@ class DockerExecutor(Executor):
                     tls = self._tls_factory() if self._tls_factory is not None else self.tls
                     # The API version is negotiated here (one request), so this is where
                     # an unreachable daemon is first noticed.
-                    self._client = docker.DockerClient(
+                    client = docker.DockerClient(
                         base_url=self.base_url, tls=tls, timeout=self.timeout
                     )
+                    # Job containers never have a TTY, and the SDK's logs() inspects the
+                    # container before every read only to learn that: one request saved
+                    # per read. (If the SDK renames the hook, reads just inspect again.)
+                    client.api._check_is_tty = _never_tty
+                    self._client = client
                 except _CLIENT_ERRORS as exc:
                     raise ExecutorError(
                         f"Cannot connect to Docker at {self.base_url}: {exc}", original=exc
@@ -194,6 +201,7 @@ class DockerExecutor(Executor):
             raise ExecutorError(
                 f"Docker could not start container {spec.name}: {exc}", original=exc
             ) from exc
+        self._started.add(spec.name)
         return container_id
 
     def _create(self, spec: ContainerSpec, pull_if_missing: bool) -> str:
@@ -293,10 +301,14 @@ class DockerExecutor(Executor):
                 return None
             raise ExecutorError(f"Docker wait for {name} failed: {exc}", original=exc) from exc
         code = int(result.get("StatusCode", -1))
+        if name in self._started:
+            self._started.discard(name)  # it has ended: forget it
+            return code
         if code != 0:
             return code
         # The daemon answers 0 at once for a container that was created but never started;
-        # only a look at its state tells that apart from a real success.
+        # only a look at its state tells that apart from a real success (needed for one
+        # this executor did not start: adopted after a redelivery or a rescue).
         state = self.inspect(name)
         if state is None:
             return code
@@ -366,6 +378,7 @@ class DockerExecutor(Executor):
                     raise
 
     def remove(self, name: str) -> None:
+        self._started.discard(name)
         with self._translate(f"removal of {name}"):
             try:
                 self.api.remove_container(name, force=True, v=True)
@@ -398,6 +411,10 @@ class DockerExecutor(Executor):
                 )
             )
         return result
+
+
+def _never_tty(container: Any) -> bool:
+    return False
 
 
 def _line_count(data: bytes) -> int:

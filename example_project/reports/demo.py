@@ -1,0 +1,316 @@
+"""The demo batch, its live progress display and its summary (used by ``run_demo``).
+
+Kept apart from the command that starts processes so that the batch can be built and
+checked in tests without a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import TextIO
+
+from celery.result import AsyncResult
+from django.db import transaction
+
+from django_container_celery.models import ContainerJob
+from django_container_celery.states import FINAL, Status
+
+from . import tasks
+
+# Seconds between the batch being queued and the scheduled job becoming due.
+SCHEDULE_DELAY = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoJob:
+    """One job of the demo batch: how to queue it and what it should end as."""
+
+    label: str
+    shows: str
+    expect_status: str
+    expect_attempts: int
+    queue: Callable[[], AsyncResult]
+    # Due at once and run once: its start time shows the order in which slots were given.
+    ordered: bool = True
+
+
+@dataclasses.dataclass
+class Tracked:
+    entry: DemoJob
+    job: ContainerJob
+    # The look at the database (counted from 0) in which the job was first seen claimed.
+    # Start times cannot show the claim order: two containers claimed a moment apart may
+    # start in either order.
+    claimed_at_look: int | None = None
+
+
+def demo_batch(token: str | None = None) -> list[DemoJob]:
+    """The mixed batch, in the order it is queued: lowest priority first, so that the run
+    order visibly follows priority rather than arrival."""
+    token = token or uuid.uuid4().hex
+    return [
+        DemoJob(
+            "tidy_up()",
+            "priority 20, queued first, runs last",
+            Status.COMPLETED,
+            1,
+            lambda: tasks.tidy_up.delay(),
+        ),
+        DemoJob(
+            "export_archive(30)",
+            "sleeps 30 s with a 5 s timeout: killed, failed, no retry",
+            Status.FAILED,
+            1,
+            lambda: tasks.export_archive.delay(30),
+        ),
+        DemoJob(
+            "build_report(3)",
+            "normal priority, runs 3 s, prints its progress",
+            Status.COMPLETED,
+            1,
+            lambda: tasks.build_report.delay(3),
+        ),
+        DemoJob(
+            "legacy_import()",
+            "image not found is permanent: failed at once, retries unused",
+            Status.FAILED,
+            1,
+            lambda: tasks.legacy_import.delay(),
+            ordered=False,
+        ),
+        DemoJob(
+            "sync_upstream()",
+            "exits 75 (in retry_exit_codes), retried after a back-off, then completes",
+            Status.COMPLETED,
+            2,
+            lambda: tasks.sync_upstream.delay(token),
+            ordered=False,
+        ),
+        DemoJob(
+            "greet('Ada')",
+            "high priority, queued late, runs first",
+            Status.COMPLETED,
+            1,
+            lambda: tasks.greet.delay("Ada"),
+        ),
+        DemoJob(
+            f"greet('later') +{SCHEDULE_DELAY}s",
+            f"scheduled with countdown={SCHEDULE_DELAY}: beat dispatches it when due",
+            Status.COMPLETED,
+            1,
+            lambda: tasks.greet.apply_async(args=("later",), countdown=SCHEDULE_DELAY),
+            ordered=False,
+        ),
+    ]
+
+
+def queue_batch(entries: Sequence[DemoJob]) -> list[Tracked]:
+    """Queue every entry in one transaction.
+
+    Run messages are sent when the transaction commits, so the first worker to take a
+    message already sees the whole batch and starts the highest priority first.
+    """
+    with transaction.atomic():
+        results = [(entry, entry.queue()) for entry in entries]
+    return [
+        Tracked(entry, ContainerJob.objects.get(celery_task_id=result.id))
+        for entry, result in results
+    ]
+
+
+def refresh(tracked: Iterable[Tracked], look: int = 0) -> None:
+    for item in tracked:
+        item.job.refresh_from_db()
+        # Every claim increments the attempt number.
+        if item.claimed_at_look is None and item.job.attempt > 0:
+            item.claimed_at_look = look
+
+
+def all_final(tracked: Iterable[Tracked]) -> bool:
+    return all(item.job.status in FINAL for item in tracked)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _since(moment: datetime | None, start: datetime) -> float | None:
+    return None if moment is None else (moment - start).total_seconds()
+
+
+def describe_state(job: ContainerJob, now: datetime) -> str:
+    """The status, with when a waiting job becomes due."""
+    if job.status in (Status.QUEUED, Status.RETRYING) and job.scheduled_for is not None:
+        wait = (job.scheduled_for - now).total_seconds()
+        if wait > 0:
+            return f"{job.status} (due in {wait:.0f}s)"
+    return str(job.status)
+
+
+COUNTED = (
+    Status.QUEUED,
+    Status.LAUNCHING,
+    Status.RUNNING,
+    Status.RETRYING,
+    Status.COMPLETED,
+    Status.FAILED,
+)
+
+
+def counts_line(tracked: Sequence[Tracked], elapsed: float) -> str:
+    counts = Counter(str(item.job.status) for item in tracked)
+    parts = [f"{status} {counts.get(status, 0)}" for status in COUNTED]
+    if counts.get(Status.CANCELLED):
+        parts.append(f"cancelled {counts[Status.CANCELLED]}")
+    return f"[{elapsed:5.1f}s] " + "  ".join(parts)
+
+
+class ProgressDisplay:
+    """Shows the batch while it runs.
+
+    On a terminal, one line per job is redrawn in place. Elsewhere (a log file, CI), a
+    line of counts is printed every ``interval`` seconds, because cursor movements would
+    only garble the file.
+    """
+
+    def __init__(
+        self, out: TextIO, tracked: Sequence[Tracked], started: datetime, tty: bool
+    ) -> None:
+        self.out = out
+        self.tracked = tracked
+        self.started = started
+        self.tty = tty
+        self.interval = 0.5 if tty else 2.0
+        self._drawn = 0
+        self._last = 0.0
+        self._width = max(len(item.entry.label) for item in tracked)
+
+    def show(self, now: datetime, force: bool = False) -> None:
+        clock = time.monotonic()
+        if not force and clock - self._last < self.interval:
+            return
+        self._last = clock
+        elapsed = (now - self.started).total_seconds()
+        if not self.tty:
+            self.out.write(counts_line(self.tracked, elapsed) + "\n")
+            self.out.flush()
+            return
+        columns = shutil.get_terminal_size((100, 20)).columns
+        lines = [counts_line(self.tracked, elapsed)]
+        for item in self.tracked:
+            job = item.job
+            exit_code = "" if job.exit_code is None else f"  exit {job.exit_code}"
+            lines.append(
+                f"  {item.entry.label:<{self._width}}  {job.priority:>3}  "
+                f"{describe_state(job, now):<22} attempt {job.attempt}{exit_code}"
+            )
+        if self._drawn:
+            self.out.write(f"\x1b[{self._drawn}A")
+        for line in lines:
+            self.out.write("\x1b[2K" + line[: columns - 1] + "\n")
+        self._drawn = len(lines)
+        self.out.flush()
+
+
+HEADERS = ("Job", "Priority", "Status", "Attempts", "Exit", "Started", "Duration")
+
+
+def summary_rows(tracked: Sequence[Tracked], started: datetime) -> list[tuple[str, ...]]:
+    rows = []
+    for item in tracked:
+        job = item.job
+        duration = job.duration
+        rows.append(
+            (
+                item.entry.label,
+                str(job.priority),
+                str(job.status),
+                str(job.attempt),
+                "-" if job.exit_code is None else str(job.exit_code),
+                "-" if job.started_at is None else f"+{_since(job.started_at, started):.1f}s",
+                _seconds(None if duration is None else duration.total_seconds()),
+            )
+        )
+    return rows
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    # Text columns left-aligned, numbers right-aligned.
+    left = {0, 2}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(cell).ljust(width) if index in left else str(cell).rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def check(item: Tracked) -> tuple[bool, str]:
+    """Whether the job ended as its entry expects, and a one-line account of it."""
+    job = item.job
+    ok = job.status == item.entry.expect_status and job.attempt == item.entry.expect_attempts
+    detail = item.entry.shows
+    if job.last_error:
+        detail += f" [last error: {first_line(job.last_error, 90)}]"
+    elif job.stdout_log.strip():
+        detail += f" [output: {first_line(job.stdout_log.strip().splitlines()[-1], 60)}]"
+    if not ok:
+        detail += (
+            f" -- expected {item.entry.expect_status} after {item.entry.expect_attempts} "
+            f"attempt(s), got {job.status} after {job.attempt}"
+        )
+    return ok, detail
+
+
+def first_line(text: str, limit: int) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def claimed_in_priority_order(tracked: Sequence[Tracked]) -> bool:
+    """Whether the jobs that were due together and ran once were claimed highest priority
+    first (jobs first seen claimed in the same look count as claimed together).
+
+    The retried, the never started and the scheduled jobs are left out: their claims say
+    nothing about the order in which free slots were handed out.
+    """
+    ordered = [item for item in tracked if item.entry.ordered]
+    if any(item.claimed_at_look is None for item in ordered):
+        return False
+    by_priority = sorted(ordered, key=lambda item: -item.job.priority)
+    looks = [item.claimed_at_look or 0 for item in by_priority]
+    return looks == sorted(looks)
+
+
+def summary(tracked: Sequence[Tracked], started: datetime) -> tuple[str, bool]:
+    """The summary table and checks as text, and whether every job ended as expected."""
+    lines = [format_table(HEADERS, summary_rows(tracked, started)), ""]
+    all_ok = True
+    for item in tracked:
+        ok, detail = check(item)
+        all_ok = all_ok and ok
+        lines.append(f"  {'ok' if ok else '!!'}  {item.entry.label}: {detail}")
+    in_order = claimed_in_priority_order(tracked)
+    all_ok = all_ok and in_order
+    claimed = sorted(
+        (item for item in tracked if item.entry.ordered and item.claimed_at_look is not None),
+        key=lambda item: (item.claimed_at_look, -item.job.priority),
+    )
+    sequence = ", ".join(
+        f"{item.entry.label.split('(')[0]} ({item.job.priority})" for item in claimed
+    )
+    lines.append(
+        f"  {'ok' if in_order else '!!'}  queued lowest priority first, claimed by priority: "
+        + sequence
+    )
+    return "\n".join(lines), all_ok
