@@ -40,10 +40,10 @@ JOB_LABEL = "dcc.job_id"
 METRICS_LINE = r"^\{.*\"queue_depth\".*\}$"
 
 
-class CommandProcess:
+class CommandProcess(celery_support.Proc):
     """One ``process_container_jobs`` process, its output going to a file we can read live."""
 
-    def __init__(self, log_path: Path, args: list[str], overrides: dict[str, Any]) -> None:
+    def __init__(self, name: str, args: list[str], overrides: dict[str, Any]) -> None:
         env = dict(os.environ)
         env.update(
             DATABASE_URL=celery_support.test_database_url(),
@@ -59,26 +59,12 @@ class CommandProcess:
             "django",
             "process_container_jobs",
             "--settings=tests.settings",
-            *args,
         ]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in cleanup()
-        self.popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(name, [*argv, *args], env)
 
     @property
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
 
     def send(self, sig: int) -> None:
         os.kill(self.popen.pid, sig)
@@ -103,11 +89,8 @@ class CommandProcess:
             ) from None
 
     def cleanup(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
-        self._log.close()
+        self.signal_group(signal.SIGKILL)
+        self.stop()
 
 
 @pytest.fixture
@@ -115,8 +98,7 @@ def command(tmp_path: Path) -> Iterator[Callable[..., CommandProcess]]:
     started: list[CommandProcess] = []
 
     def start(*args: str, **overrides: Any) -> CommandProcess:
-        log = tmp_path / f"command-{len(started)}.log"
-        proc = CommandProcess(log, list(args), overrides)
+        proc = CommandProcess(f"command-{len(started)}", list(args), overrides)
         started.append(proc)
         return proc
 
