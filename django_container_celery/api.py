@@ -83,6 +83,14 @@ def send_run_message(job: ContainerJob) -> bool:
     refused, in which case the job is left for the next dispatch."""
     app = current_app
     options = message_options(job, app.conf.broker_url or "")
+    if not job.celery_task_id:
+        # Queued without delay() (the admin, the API): give it a task id now, so that its
+        # result is stored where AsyncResult and Flower look.
+        task_id = str(uuid.uuid4())
+        if ContainerJob.objects.filter(pk=job.pk, celery_task_id="").update(celery_task_id=task_id):
+            job.celery_task_id = task_id
+        else:
+            job.refresh_from_db(fields=["celery_task_id"])
     try:
         app.send_task(
             RUN_TASK,

@@ -7,3 +7,8 @@ class ContainerCeleryConfig(AppConfig):
     label = "django_container_celery"
     verbose_name = _("Container jobs")
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # The Celery layer listens to the engine: results stored whoever ends a job, and
+        # the watcher started in every worker. Both only connect signal receivers.
+        from . import results, worker  # noqa: F401

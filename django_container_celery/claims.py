@@ -21,6 +21,7 @@ from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Count, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from . import states
@@ -320,24 +321,43 @@ def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:
     """Take a launching or running job whose lease expired; keep its attempt number.
 
     The new owner then looks for the attempt's container by its deterministic name.
+    Expiry is judged by the database's clock, so a worker whose clock runs fast cannot
+    take over a lease that is still alive.
     """
     now = timezone.now()
     updated = ContainerJob.objects.filter(
-        pk=job_id, status__in=states.ACTIVE, lease_expires_at__lt=now
+        pk=job_id, status__in=states.ACTIVE, lease_expires_at__lt=Now()
     ).update(claimed_by=worker_id, claimed_at=now, lease_expires_at=lease_deadline(now))
     if not updated:
         return None
-    job = ContainerJob.objects.get(pk=job_id)
+    job = ContainerJob.objects.select_related("assigned_host", "docker_host").get(pk=job_id)
     # Another rescuer may have taken it between our UPDATE and this read.
     return job if job.claimed_by == worker_id else None
 
 
-def stale_job_ids(limit: int = 100) -> list[Any]:
-    """Jobs holding a slot whose lease expired: their worker is presumed dead."""
-    return list(
-        ContainerJob.objects.filter(status__in=states.ACTIVE, lease_expires_at__lt=timezone.now())
-        .order_by("lease_expires_at")
-        .values_list("pk", flat=True)[:limit]
+def on_host(host_id: int | None) -> Q:
+    """Jobs whose current attempt runs on this host (None: on the default Docker host)."""
+    return Q(assigned_host__isnull=True) if host_id is None else Q(assigned_host_id=host_id)
+
+
+def stale_job_ids(limit: int = 100, host_id: Any = ...) -> list[Any]:
+    """Jobs holding a slot whose lease expired (by the database's clock): their worker,
+    or the watcher that led their host, is presumed dead. ``host_id`` narrows to one host
+    (None: the default host)."""
+    jobs = ContainerJob.objects.filter(status__in=states.ACTIVE, lease_expires_at__lt=Now())
+    if host_id is not ...:
+        jobs = jobs.filter(on_host(host_id))
+    return list(jobs.order_by("lease_expires_at").values_list("pk", flat=True)[:limit])
+
+
+def watch_running(host_id: int | None, watcher_id: str) -> int:
+    """Give the running jobs of a host to the watcher that leads it, lease renewed.
+
+    One UPDATE: from here on the leader is the claimant that finishes them, and the lease
+    says a watcher is alive. A launcher's claim ends once its container runs.
+    """
+    return ContainerJob.objects.filter(on_host(host_id), status=Status.RUNNING).update(
+        claimed_by=watcher_id, lease_expires_at=lease_deadline()
     )
 
 

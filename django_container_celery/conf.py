@@ -13,8 +13,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 DEFAULTS: dict[str, Any] = {
-    # A claim is owned for this long; the worker following a job renews it every
-    # LEASE_SECONDS / 3. After it expires, rescue_stale_jobs may take the job over.
+    # A claim is owned for this long. A launching job's lease belongs to its launcher; a
+    # running job's lease is renewed by the watcher leading its host at every reconcile
+    # pass. After it expires (by the database's clock) the job may be taken over.
     "LEASE_SECONDS": 60,
     # Seconds between beat's runs of dispatch_ready_jobs (and rescue_stale_jobs).
     "DISPATCH_INTERVAL": 5,
@@ -43,8 +44,19 @@ DEFAULTS: dict[str, Any] = {
     "MAX_MEMORY_MB": 64 * 1024,
     "MAX_CPUS": 64.0,
     "MAX_TIMEOUT_SECONDS": 7 * 24 * 3600,
-    # Seconds between polls of a running container by the worker that follows it.
+    # Seconds between looks at the row by a canvas step (.s()/.si()) waiting for its job.
     "POLL_INTERVAL": 1.0,
+    # Run a watcher thread in every Celery worker's main process (and in the queue
+    # command). False: nothing follows Docker events, and beat's rescue_stale_jobs runs the
+    # reconcile pass instead (jobs then finish up to its interval late).
+    "WATCHER": True,
+    # Seconds between the leading watcher's reconcile passes over a host: they catch exits
+    # that events missed, timeouts, vanished containers and expired launches. Keep it well
+    # under LEASE_SECONDS: each pass renews the leases of the host's running jobs.
+    "RECONCILE_INTERVAL": 5.0,
+    # Send Celery task events (task-succeeded, task-failed, task-retried) when a job ends,
+    # so that Flower shows the outcome whichever process finished the job.
+    "SEND_TASK_EVENTS": True,
     # Keep exited containers instead of removing them after harvest (for debugging).
     "KEEP_CONTAINERS": False,
     # Docker network mode for job containers; None leaves Docker's default.

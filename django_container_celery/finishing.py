@@ -8,6 +8,7 @@ would run again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .conf import app_settings
@@ -15,6 +16,7 @@ from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import Executor
 from .models import ContainerJob
 from .retry import is_retryable_exit_code
+from .signals import attempt_ended
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +28,14 @@ def finish(
     *,
     error: str = "",
     timed_out: bool = False,
+    remove: Callable[[Executor, str], None] | None = None,
 ) -> bool:
     """Record the end of the job's current attempt; False if our claim was lost.
 
     Exit 0 completes the job. A timeout fails it for good. An exit code listed in
     ``retry_exit_codes`` retries it within ``max_retries``. Anything else fails it.
+    ``remove`` replaces the inline container removal (the watcher defers it, so that the
+    next job's exit is not recorded late behind a slow removal).
     """
     stdout, stderr = _read_logs(executor, job.container_name)
     fields: dict[str, Any] = {"exit_code": exit_code, "stdout_log": stdout, "stderr_log": stderr}
@@ -53,9 +58,26 @@ def finish(
     except TransitionConflict:
         logger.info("job %s: not finished here, its claim moved on", job.pk)
         return False
+    announce(job)
     if not app_settings.KEEP_CONTAINERS:
-        remove_container(executor, job.container_name)
+        (remove or remove_container)(executor, job.container_name)
     return True
+
+
+def announce(job: ContainerJob) -> None:
+    """Tell listeners (the Celery result layer) how the job's attempt ended.
+
+    A listener's failure is logged and never undoes or blocks the write already made.
+    """
+    for receiver, outcome in attempt_ended.send_robust(sender=ContainerJob, job=job):
+        if isinstance(outcome, Exception):
+            logger.warning(
+                "job %s: %r failed on attempt_ended: %s",
+                job.pk,
+                receiver,
+                outcome,
+                exc_info=outcome,
+            )
 
 
 def remove_container(executor: Executor, name: str) -> None:

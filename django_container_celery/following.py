@@ -1,31 +1,30 @@
-"""Where a running job is followed: waited on, kept leased, timed out, or adopted.
+"""Where one running job is looked at: finished when its container exited, killed past its
+timeout, retried when its container vanished, or adopted after its worker died.
 
-Two drivers use this module. The Celery task follows its own job to the end with
-:func:`follow` (blocking, renewing the lease as it waits). The queue-mode command polls all
-of its jobs with :func:`check` each round. A job taken over after its worker died goes
-through :func:`adopt` first, which finds the attempt's container by its deterministic name.
+The watcher (``watching.py``) calls :func:`check` for every job an event or its reconcile
+pass points at; a job taken over after its worker died goes through :func:`adopt` first,
+which finds the attempt's container by its deterministic name.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
 from django.utils import timezone
 
-from . import claims
-from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import ContainerState, Executor
-from .finishing import finish, remove_container
+from .finishing import announce, finish, remove_container
 from .launching import launch_claimed
 from .models import ContainerJob
 from .states import Status
 
 logger = logging.getLogger(__name__)
+
+Remover = Callable[[Executor, str], None]
 
 
 class Progress(enum.Enum):
@@ -41,17 +40,22 @@ def deadline_of(job: ContainerJob) -> float:
     return (end - timezone.now()).total_seconds()
 
 
-def check(job: ContainerJob, executor: Executor) -> Progress:
+def check(job: ContainerJob, executor: Executor, remove: Remover | None = None) -> Progress:
     """One look at a running job: finish it if its container exited or it timed out."""
     try:
         state = executor.inspect(job.container_name)
     except ExecutorError:
         logger.warning("job %s: cannot inspect its container now", job.pk, exc_info=True)
         return Progress.RUNNING
-    return _act_on(job, executor, state)
+    return _act_on(job, executor, state, remove)
 
 
-def _act_on(job: ContainerJob, executor: Executor, state: ContainerState | None) -> Progress:
+def _act_on(
+    job: ContainerJob,
+    executor: Executor,
+    state: ContainerState | None,
+    remove: Remover | None = None,
+) -> Progress:
     if state is None:
         return _vanished(job)
     if not state.running and state.exit_code is None:
@@ -59,55 +63,21 @@ def _act_on(job: ContainerJob, executor: Executor, state: ContainerState | None)
         remove_container(executor, job.container_name)
         return _vanished(job, state.error or "container was created but never started")
     if not state.running:
-        return _finished(finish(job, executor, state.exit_code))
+        return _finished(finish(job, executor, state.exit_code, remove=remove))
     if deadline_of(job) <= 0:
-        return kill_for_timeout(job, executor)
+        return kill_for_timeout(job, executor, remove)
     return Progress.RUNNING
 
 
-def kill_for_timeout(job: ContainerJob, executor: Executor) -> Progress:
+def kill_for_timeout(
+    job: ContainerJob, executor: Executor, remove: Remover | None = None
+) -> Progress:
     try:
         executor.stop(job.container_name, timeout=0)
     except ExecutorError:
         logger.warning("job %s: could not kill its container", job.pk, exc_info=True)
     code = _exit_code(executor, job.container_name)
-    return _finished(finish(job, executor, code, timed_out=True))
-
-
-def follow(
-    job: ContainerJob,
-    executor: Executor,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> Progress:
-    """Wait for the job's container to end, renewing the lease; return how it ended.
-
-    Returns RUNNING only when ``should_stop`` asked us to let go (worker shutdown): the
-    claim is left to expire so that a rescue adopts the container later.
-    """
-    poll = float(app_settings.POLL_INTERVAL)
-    renew_every = max(1.0, app_settings.LEASE_SECONDS / 3)
-    next_renewal = time.monotonic() + renew_every
-    while True:
-        remaining = deadline_of(job)
-        if remaining <= 0:
-            return kill_for_timeout(job, executor)
-        try:
-            code = executor.wait(job.container_name, timeout=min(poll, remaining))
-        except ExecutorError:
-            state = _inspect_or_unknown(executor, job.container_name)
-            if state is None:
-                return _vanished(job)
-            code = None
-            time.sleep(poll)
-        if code is not None:
-            return _finished(finish(job, executor, code))
-        if time.monotonic() >= next_renewal:
-            if not claims.renew_lease(job):
-                logger.info("job %s: claim lost while following; letting go", job.pk)
-                return Progress.LOST
-            next_renewal = time.monotonic() + renew_every
-        if should_stop():
-            return Progress.RUNNING
+    return _finished(finish(job, executor, code, timed_out=True, remove=remove))
 
 
 def adopt(job: ContainerJob, executor: Executor) -> Progress:
@@ -138,6 +108,7 @@ def _vanished(
         job.mark_as_failed(should_retry=True, error=error, as_claimant=True)
     except TransitionConflict:
         return Progress.LOST
+    announce(job)
     return Progress.FINISHED
 
 

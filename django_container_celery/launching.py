@@ -9,15 +9,21 @@ recording it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from django.db import connection
 from django.utils import timezone
 
+from . import states
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import ATTEMPT_LABEL, JOB_LABEL, ContainerExists, ContainerSpec, Executor
+from .finishing import announce
 from .models import ContainerJob
 from .retry import ErrorClassifier, ErrorType
 from .states import Status
@@ -73,11 +79,21 @@ def build_spec(job: ContainerJob) -> ContainerSpec:
     )
 
 
-def launch_claimed(job: ContainerJob, executor: Executor) -> LaunchOutcome:
-    """Start the container of the job's current attempt and record it as running."""
+def launch_claimed(
+    job: ContainerJob,
+    executor: Executor,
+    on_started: Callable[[ContainerJob, str], None] | None = None,
+) -> LaunchOutcome:
+    """Start the container of the job's current attempt and record it as running.
+
+    ``on_started`` runs after the container started and before the row says ``running``:
+    nothing can finish the job before it returns, so whatever it reports (the Celery
+    task's RUNNING state) can never overwrite the job's final result.
+    """
     try:
         spec = build_spec(job)
-        container_id = executor.start(spec)
+        with keep_leased(job):
+            container_id = executor.start(spec)
         adopted = False
     except ContainerExists as exists:
         # This attempt's container was started before (a redelivered message, or a
@@ -85,13 +101,58 @@ def launch_claimed(job: ContainerJob, executor: Executor) -> LaunchOutcome:
         container_id, adopted = exists.container_id, True
     except Exception as exc:
         return record_launch_failure(job, exc)
+    if on_started is not None:
+        try:
+            on_started(job, container_id)
+        except Exception:  # reporting must never cost the launch
+            logger.warning("job %s: on_started failed", job.pk, exc_info=True)
     try:
         job.mark_as_running(as_claimant=True, execution_id=container_id)
     except TransitionConflict:
+        return _claim_lost(job, executor)
+    return LaunchOutcome(True, adopted=adopted)
+
+
+def _claim_lost(job: ContainerJob, executor: Executor) -> LaunchOutcome:
+    """Our claim moved on while we started the container: leave the row as it is."""
+    attempt = job.attempt
+    job.refresh_from_db()
+    if job.status in states.ACTIVE and job.attempt == attempt:
+        # Another owner took this attempt over and adopted the container: it is theirs.
+        logger.warning("job %s: claim lost while launching; the new owner keeps it", job.pk)
+    else:
         logger.warning("job %s: claim lost while launching; removing its container", job.pk)
         _discard(executor, job.container_name)
-        return LaunchOutcome(False, "claim lost before the container was recorded")
-    return LaunchOutcome(True, adopted=adopted)
+    if job.is_final:
+        # Cancelled meanwhile: publish the outcome again, after the RUNNING report above.
+        announce(job)
+    return LaunchOutcome(False, "claim lost before the container was recorded")
+
+
+@contextlib.contextmanager
+def keep_leased(job: ContainerJob) -> Iterator[None]:
+    """Renew the launch's lease while the container is being started (image pulls can take
+    longer than a lease), so that no watcher takes over a launch that is alive."""
+    from .claims import renew_lease
+
+    stop = threading.Event()
+    every = max(1.0, app_settings.LEASE_SECONDS / 3)
+
+    def renew() -> None:
+        try:
+            while not stop.wait(every):
+                if not renew_lease(job):
+                    return  # the claim moved on; the launch will find out
+        finally:
+            connection.close()  # this thread's own connection
+
+    renewer = threading.Thread(target=renew, name="dcc-launch-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(5)
 
 
 def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcome:
@@ -107,6 +168,7 @@ def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcom
         job.mark_as_failed(should_retry=retry, error=message, as_claimant=True)
     except TransitionConflict:
         return LaunchOutcome(False, message)
+    announce(job)
     logger.info("job %s: %s -> %s", job.pk, message, job.status)
     if job.status == Status.RETRYING and job.scheduled_for is not None:
         delay = (job.scheduled_for - timezone.now()).total_seconds()

@@ -16,12 +16,12 @@ from typing import Any
 from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
 
-from . import claims, following, states
+from . import claims, following, states, watching
 from .conf import app_settings
 from .exceptions import ExecutorError, InvalidTransition, TransitionConflict
 from .executors import executor_for
 from .executors.base import Executor
-from .finishing import remove_container
+from .finishing import announce, remove_container
 from .launching import LaunchOutcome, launch_claimed
 from .models import ContainerJob, ExecutorHost
 from .states import Status
@@ -109,6 +109,7 @@ class JobQueueManager:
             except TransitionConflict:
                 job.refresh_from_db()
                 continue
+            announce(job)
             if had_container and job.attempt:
                 executor = self.executor(job)
                 try:
@@ -166,6 +167,7 @@ class JobQueueManager:
         launched = 0
         errors: list[str] = []
         tried: list[Any] = []
+        started: list[Any] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = claims.claim_next(self.worker_id, max_concurrent, exclude_ids=tried)
@@ -179,69 +181,53 @@ class JobQueueManager:
                 outcome = LaunchOutcome(False, f"{type(exc).__name__}: {exc}")
             if outcome.success:
                 launched += 1
+                started.append(job.pk)
             else:
                 errors.append(f"{job.pk}: {outcome.error}")
-        return {"launched": launched, "errors": errors}
+        return {"launched": launched, "errors": errors, "job_ids": started}
 
-    # -- following ----------------------------------------------------------------------
+    # -- watching -------------------------------------------------------------------------
 
     def harvest_finished_jobs(self, worker_id: str | None = None) -> int:
-        """Finish this worker's running jobs whose containers exited; enforce timeouts."""
-        owner = worker_id or self.worker_id
-        claims.renew_leases(owner)
-        finished = 0
-        jobs = ContainerJob.objects.filter(claimed_by=owner, status=Status.RUNNING).select_related(
-            "assigned_host", "docker_host"
-        )
-        for job in jobs:
-            if following.check(job, self.executor(job)) is following.Progress.FINISHED:
-                finished += 1
-        return finished
+        """The reconcile pass, once, over every host: finish running jobs whose containers
+        exited, kill those past their timeout, retry vanished ones, take over jobs whose
+        lease expired. With ``worker_id``, only running jobs that worker holds."""
+        done = watching.reconcile_all(self.worker_id, self.executor_factory, owner=worker_id)
+        return done.finished
 
     def run_job(
         self,
         job_id: Any,
         in_turn: bool = True,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_running: Callable[[ContainerJob], None] | None = None,
+        on_started: Callable[[ContainerJob, str], None] | None = None,
     ) -> tuple[ContainerJob | None, following.Progress | None]:
-        """Claim (or take over) one job, launch or adopt it, and follow it to its end.
+        """Claim (or take over) one job and launch or adopt its container; return at once.
 
-        Returns (None, None) when the job cannot be claimed by us now: it is not waiting,
-        not due, not its turn, or another worker holds it. This is what makes a duplicate
-        or replayed message harmless.
+        The run is detached: once the container runs, the watcher that leads its host
+        finishes the job. Returns (None, None) when the job cannot be claimed by us now:
+        it is not waiting, not due, not its turn, or another worker holds it. This is what
+        makes a duplicate or replayed message harmless.
         """
         job = claims.claim_job(job_id, self.worker_id, in_turn=in_turn)
         if job is not None:
-            outcome = launch_claimed(job, self.executor(job))
-            if not outcome.success:
-                return job, following.Progress.FINISHED
-        else:
-            job = claims.take_over(job_id, self.worker_id)
-            if job is None:
-                return None, None
-            progress = following.adopt(job, self.executor(job))
-            if progress is not following.Progress.RUNNING:
-                return job, progress
-        if on_running is not None:
-            on_running(job)
-        return job, following.follow(job, self.executor(job), should_stop)
+            outcome = launch_claimed(job, self.executor(job), on_started=on_started)
+            if outcome.success:
+                return job, following.Progress.RUNNING
+            return job, following.Progress.FINISHED
+        job = claims.take_over(job_id, self.worker_id)
+        if job is None:
+            return None, None
+        return job, following.adopt(job, self.executor(job))
 
     def rescue_stale_jobs(self, limit: int = 100) -> int:
-        """Take over jobs whose lease expired and bring each to a consistent state.
+        """Reconcile every host that no watcher leads; returns how many jobs were taken over.
 
-        A running container is adopted (then followed by this worker's harvest), an exited
-        one is harvested, a vanished one is retried, and a launch that never started is
-        launched again.
+        A job whose lease expired is taken over: a running container is adopted, an exited
+        one harvested, a vanished one retried, a launch that never started launched again.
+        Hosts with a live watcher are left to it.
         """
-        rescued = 0
-        for job_id in claims.stale_job_ids(limit):
-            job = claims.take_over(job_id, self.worker_id)
-            if job is None:
-                continue
-            following.adopt(job, self.executor(job))
-            rescued += 1
-        return rescued
+        done = watching.reconcile_all(self.worker_id, self.executor_factory, only_unwatched=True)
+        return done.rescued
 
     # -- metrics and failures -------------------------------------------------------------
 
@@ -296,13 +282,6 @@ class JobQueueManager:
         if not ids:
             return []
         return self._mark_dispatched(ids, app_settings.REDISPATCH_SECONDS, states.WAITING)
-
-    def stale_for_rescue(self, limit: int = 100) -> list[ContainerJob]:
-        """Jobs whose lease expired and that had no rescue message for a lease period."""
-        ids = claims.stale_job_ids(limit)
-        if not ids:
-            return []
-        return self._mark_dispatched(ids, app_settings.LEASE_SECONDS, states.ACTIVE)
 
     def _mark_dispatched(
         self, ids: Sequence[Any], resend_after: float, statuses: frozenset[str]

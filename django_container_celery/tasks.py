@@ -1,21 +1,24 @@
 """Celery tasks: thin drivers of the queue engine.
 
 ``run_container_job`` takes one job id. It claims the job with one atomic statement (or
-takes it over when its previous worker's lease expired), launches or adopts the container,
-follows it to the end and returns the job's result. A message it cannot claim for — a
-duplicate, a replay, a job that is not its turn — is acknowledged and changes nothing; the
-task then raises ``Ignore`` so it never overwrites the result stored by the task that ran
-the job (every message for one job carries the job's ``celery_task_id``).
+takes it over when its previous worker's lease expired), launches or adopts the container
+and returns: the worker slot is busy for the seconds a launch takes, not for the
+container's runtime. The watcher that leads the job's host (``watching.py``) finishes the
+job, and ``results.py`` stores its result under the job's ``celery_task_id``, which every
+message for the job carries. A message that cannot claim — a duplicate, a replay, a job
+that is not its turn — is acknowledged and changes nothing. The task itself always ends
+with ``Ignore``, so it never stores a result that could overwrite the job's.
 
 Messages are acknowledged when received (``acks_late=False``): the database, not the broker,
 remembers unfinished work, so a broker's visibility timeout can never start a second
-container for a job that runs for hours. Lost messages are re-sent by
-``dispatch_ready_jobs``; dead workers' jobs are taken over via ``rescue_stale_jobs``.
+container. Lost messages are re-sent by ``dispatch_ready_jobs``; what dead workers left is
+reconciled by the watchers, or by ``rescue_stale_jobs`` where no watcher leads.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -23,6 +26,7 @@ from celery import shared_task
 from celery.exceptions import Ignore
 from django.utils import timezone
 
+from . import following
 from .api import job_result, send_run_message
 from .exceptions import ContainerJobFailed
 from .following import Progress
@@ -37,10 +41,8 @@ logger = logging.getLogger(__name__)
     name="django_container_celery.run_container_job",
     bind=True,
     acks_late=False,
-    # A failed job is an expected outcome, not a worker error: logged without a traceback.
-    throws=(ContainerJobFailed,),
 )
-def run_container_job(self: Any, job_id: str) -> dict[str, Any]:
+def run_container_job(self: Any, job_id: str) -> None:
     try:
         uuid.UUID(str(job_id))
     except ValueError:
@@ -48,36 +50,28 @@ def run_container_job(self: Any, job_id: str) -> dict[str, Any]:
         raise Ignore() from None
     manager = JobQueueManager()
 
-    def report_running(job: ContainerJob) -> None:
+    def report_running(job: ContainerJob, container_id: str) -> None:
+        # Runs before the row says running, so before anything can store the final result.
         if self.request.id and not self.request.is_eager:
             self.update_state(
                 state="RUNNING",
                 meta={
                     "job_id": str(job.pk),
-                    "container_id": job.execution_id,
+                    "container_id": container_id,
                     "container_name": job.container_name,
                     "attempt": job.attempt,
                 },
             )
 
-    job, progress = manager.run_job(job_id, on_running=report_running)
+    job, progress = manager.run_job(job_id, on_started=report_running)
     if job is None:
         # Not ours to run now. If it still waits, let dispatch send it again in its turn.
         manager.forget_dispatch(job_id)
         dispatch_ready_jobs.run()
         raise Ignore()
-    dispatch_ready_jobs.run()  # our slot is free (or will be): start the next job now
-    job.refresh_from_db()
-    if progress is Progress.RUNNING or not job.is_final:
-        if job.status == Status.RETRYING and self.request.id and not self.request.is_eager:
-            # Not Celery's RETRY: backends decode a RETRY result as an exception.
-            self.update_state(
-                state="RETRYING", meta={"job_id": str(job.pk), "error": job.last_error}
-            )
-        raise Ignore()
-    if job.status != Status.COMPLETED:
-        raise ContainerJobFailed(f"job {job.pk} {job.status}: {job.last_error or 'no detail'}")
-    return job_result(job)
+    if progress is not Progress.RUNNING:
+        dispatch_ready_jobs.run()  # the launch ended the attempt: its slot is free
+    raise Ignore()
 
 
 @shared_task(name="django_container_celery.dispatch_ready_jobs")
@@ -94,16 +88,9 @@ def dispatch_ready_jobs() -> int:
 
 @shared_task(name="django_container_celery.rescue_stale_jobs")
 def rescue_stale_jobs() -> int:
-    """Send a run message for each job whose worker stopped renewing its lease.
-
-    The run task takes the job over, adopts a running container, harvests an exited one
-    or retries a vanished one.
-    """
-    sent = 0
-    for job in queue_manager.stale_for_rescue():
-        if send_run_message(job):
-            sent += 1
-    return sent
+    """Run the reconcile pass on every host that no watcher leads; returns how many jobs
+    were taken over. With watchers running this finds nothing to do."""
+    return queue_manager.rescue_stale_jobs()
 
 
 @shared_task(name="django_container_celery.cleanup_old_jobs")
@@ -129,11 +116,15 @@ def create_container_job(template: str | None = None, **definition: Any) -> str:
 def run_job_inline(
     task: Any, container_task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
-    """Body of a ``container_task`` signature in a chain or group: create the job once
-    (keyed by this task's id, so a retried task finds it), run it here, return its result.
+    """Body of a ``container_task`` signature in a chain, group or chord: create the job
+    once (keyed by this task's id, so a retried task finds it), launch it, wait here until
+    it is final and return its result to the canvas.
 
-    When the job cannot run now (no capacity, backing off, or run elsewhere by a
-    dispatched message) the task retries itself until the job is final.
+    A step therefore holds one worker slot for its container's runtime (the price of
+    passing results on inside Celery's canvas). While it waits it also looks at its own
+    container every ``POLL_INTERVAL`` seconds, so it ends even where no watcher runs; the
+    watcher, when there is one, usually records the exit first. When the job cannot
+    start now (no capacity, backing off) the task retries itself until the job is final.
     """
     from .conf import app_settings
 
@@ -147,12 +138,19 @@ def run_job_inline(
         )
     manager = JobQueueManager()
     manager.run_job(job.pk, in_turn=False)
-    dispatch_ready_jobs.run()
     job.refresh_from_db()
+    poll = max(0.05, float(app_settings.POLL_INTERVAL))
+    while job.status in (Status.LAUNCHING, Status.RUNNING):
+        time.sleep(poll)
+        job.refresh_from_db()
+        if job.status == Status.RUNNING:
+            following.check(job, manager.executor(job))
+            job.refresh_from_db()
     if job.is_final:
         if job.status != Status.COMPLETED:
             raise ContainerJobFailed(f"job {job.pk} {job.status}: {job.last_error or 'no detail'}")
         return job_result(job)
+    dispatch_ready_jobs.run()
     wait = float(app_settings.DISPATCH_INTERVAL)
     if job.scheduled_for is not None:
         wait = max(wait, (job.scheduled_for - timezone.now()).total_seconds())

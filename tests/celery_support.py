@@ -126,8 +126,11 @@ class CeleryCluster:
         schedule = OUTPUT / f"beat-schedule-{time.time_ns()}"
         return self.celery("beat", "beat", "-l", "info", "-s", str(schedule), "--max-interval", "1")
 
-    def flower(self, port: int) -> Proc:
-        return self.celery("flower", "flower", f"--port={port}", "--address=127.0.0.1")
+    def flower(self, port: int, basic_auth: str = "") -> Proc:
+        args = ["flower", f"--port={port}", "--address=127.0.0.1"]
+        if basic_auth:
+            args.append(f"--basic-auth={basic_auth}")
+        return self.celery("flower", *args)
 
     def wait_ready(self, proc: Proc, node: str, timeout: float = 60) -> None:
         from .celery_app import app

@@ -115,6 +115,7 @@ CONTAINER_CELERY = {
     "LEASE_SECONDS": 30,
     "POLL_INTERVAL": 0.2,
     "DISPATCH_INTERVAL": 1,
+    "RECONCILE_INTERVAL": 1.0,
     "RETRY_STRATEGIES": {
         "fast": {"max_attempts": 5, "base_delay": 1.0, "max_delay": 2.0, "jitter": 0.0}
     },

@@ -40,7 +40,8 @@ def test_delay_runs_the_container_and_returns_its_result(
         assert value["job_id"] == str(job.pk)
         job.refresh_from_db()
         assert job.celery_task_id == result.id and job.status == Status.COMPLETED
-        assert containers_of(docker_client, job.pk) == []  # removed after harvest
+        # Removed after the result is recorded (off the finishing path).
+        wait_for(lambda: containers_of(docker_client, job.pk) == [], 20, message="container kept")
 
 
 def test_failed_job_raises_on_get(broker_url: str, test_image: str) -> None:
@@ -99,6 +100,19 @@ def test_chain_of_two_container_tasks(broker_url: str, test_image: str) -> None:
         names = set(ContainerJob.objects.values_list("name", flat=True))
         assert names == {"tests.container_tasks.say", "tests.container_tasks.shout"}
         assert set(ContainerJob.objects.values_list("status", flat=True)) == {"completed"}
+
+
+def test_group_of_three_container_tasks(broker_url: str, test_image: str) -> None:
+    from celery import group
+
+    from .container_tasks import say
+
+    with celery_cluster(broker_url) as cluster:
+        cluster.worker(concurrency=3)
+        result = group(say.s(word) for word in ("one", "two", "three")).apply_async()
+        values = result.get(timeout=90)
+    assert [value["stdout"] for value in values] == ["one\n", "two\n", "three\n"]
+    assert ContainerJob.objects.filter(status=Status.COMPLETED).count() == 3
 
 
 def test_container_task_delay_validates_in_the_caller(test_image: str) -> None:

@@ -372,3 +372,26 @@ def test_three_commands_share_the_limit_and_start_each_job_once(
     assert set(ContainerJob.objects.values_list("attempt", flat=True)) == {1}
     assert max_active <= 3
     assert sum(launched_by) == 60
+
+
+@pytest.mark.celery
+def test_a_job_queued_with_delay_and_run_by_the_command_has_its_celery_result(
+    command: Callable[..., CommandProcess],
+    make_job: Callable[..., ContainerJob],
+    broker_url: str,
+) -> None:
+    from .celery_app import app
+
+    good = make_job("sh -c 'echo via-command'", queue=False)
+    bad = make_job("sh -c 'exit 4'", queue=False, max_retries=0)
+    good_result, bad_result = good.delay(), bad.delay()  # nobody consumes these messages
+    proc = command("--queue-mode", "--once", "--poll-interval", "0.2")
+    assert proc.wait(60) == 0, proc.output
+    assert row(good).status == Status.COMPLETED and row(bad).status == Status.FAILED
+    assert app.AsyncResult(good_result.id).get(timeout=10)["stdout"] == "via-command\n"
+    from django_container_celery.exceptions import ContainerJobFailed
+
+    with pytest.raises(ContainerJobFailed, match="code 4"):
+        app.AsyncResult(bad_result.id).get(timeout=10)
+    with app.connection_for_write() as conn:
+        app.control.purge(connection=conn)

@@ -285,6 +285,9 @@ def test_duplicate_run_is_harmless(qm: JobQueueManager, mem: MemoryExecutor) -> 
     second = qm.run_job(job.pk)
     assert first[0] is not None and second == (None, None)
     assert len(mem.started) == 1
+    # The run is detached: the reconcile pass (or a watcher) records the exit.
+    assert ContainerJob.objects.get(pk=job.pk).status == Status.RUNNING
+    assert qm.harvest_finished_jobs() == 1
     assert ContainerJob.objects.get(pk=job.pk).status == Status.COMPLETED
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Iterator
 from datetime import datetime
+from typing import Protocol
 
 from ..exceptions import ExecutorError
 
@@ -56,6 +58,32 @@ class ContainerInfo:
     job_id: str
     attempt: int
     running: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerEvent:
+    """One thing the runtime says happened to a job container (``die``, ``oom``,
+    ``destroy``). ``time`` is the runtime's own timestamp in seconds, used to resume a
+    broken stream where it stopped."""
+
+    action: str
+    name: str
+    job_id: str
+    attempt: int
+    time: float
+    exit_code: int | None = None
+
+
+class EventStream(Protocol):
+    """An endless iterator of container events that another thread may close."""
+
+    def __iter__(self) -> Iterator[ContainerEvent]: ...
+
+    def close(self) -> None: ...
+
+
+# The events the watcher acts on: a container ended, was killed for memory, or was removed.
+WATCHED_EVENTS = ("die", "oom", "destroy")
 
 
 class ContainerExists(ExecutorError):
@@ -106,6 +134,12 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> None:
         """Return if the runtime answers; raise :class:`ExecutorError` if not."""
+
+    def events(self, since: float | None = None) -> EventStream:
+        """Stream :data:`WATCHED_EVENTS` of job containers from ``since`` (runtime time,
+        seconds) on, or from now. Runtimes without an event feed raise
+        :class:`ExecutorError`; the watcher then relies on its reconcile pass alone."""
+        raise ExecutorError(f"{type(self).__name__} has no event stream")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -25,10 +25,13 @@ from ..exceptions import ExecutorError
 from .base import (
     ATTEMPT_LABEL,
     JOB_LABEL,
+    WATCHED_EVENTS,
+    ContainerEvent,
     ContainerExists,
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    EventStream,
     Executor,
     truncate_tail,
 )
@@ -390,6 +393,13 @@ class DockerExecutor(Executor):
                     return
                 raise
 
+    def events(self, since: float | None = None) -> EventStream:
+        filters = {"type": "container", "event": list(WATCHED_EVENTS), "label": [JOB_LABEL]}
+        with self._translate("event stream"):
+            # The SDK reads this stream without a timeout; close() ends it from outside.
+            raw = self.api.events(since=int(since) if since else None, filters=filters, decode=True)
+        return _DockerEventStream(raw)
+
     def list_job_containers(self) -> list[ContainerInfo]:
         with self._translate("container listing"):
             found = self.api.containers(all=True, filters={"label": JOB_LABEL})
@@ -411,6 +421,54 @@ class DockerExecutor(Executor):
                 )
             )
         return result
+
+
+class _DockerEventStream:
+    """The daemon's event stream as :class:`ContainerEvent` values.
+
+    Iteration ends when the daemon closes the stream or another thread calls close().
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        for entry in self._raw:
+            event = _event_from(entry)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        with contextlib.suppress(*_CLIENT_ERRORS, AttributeError):
+            self._raw.close()
+
+
+def _event_from(entry: Any) -> ContainerEvent | None:
+    if not isinstance(entry, dict):
+        return None
+    action = str(entry.get("Action") or entry.get("status") or "")
+    actor = entry.get("Actor") or {}
+    attributes = actor.get("Attributes") or {}
+    job_id = str(attributes.get(JOB_LABEL) or "")
+    if action not in WATCHED_EVENTS or not job_id:
+        return None
+    try:
+        attempt = int(attributes.get(ATTEMPT_LABEL) or 0)
+    except ValueError:
+        attempt = 0
+    exit_code: int | None = None
+    with contextlib.suppress(TypeError, ValueError):
+        exit_code = int(attributes["exitCode"]) if "exitCode" in attributes else None
+    nanos = entry.get("timeNano")
+    stamp = float(nanos) / 1e9 if nanos else float(entry.get("time") or 0)
+    return ContainerEvent(
+        action=action,
+        name=str(attributes.get("name") or ""),
+        job_id=job_id,
+        attempt=attempt,
+        time=stamp,
+        exit_code=exit_code,
+    )
 
 
 def _never_tty(container: Any) -> bool:

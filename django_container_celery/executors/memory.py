@@ -12,17 +12,19 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 from ..exceptions import ExecutorError
 from .base import (
     ATTEMPT_LABEL,
     JOB_LABEL,
+    ContainerEvent,
     ContainerExists,
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    EventStream,
     Executor,
     truncate_tail,
 )
@@ -101,6 +103,8 @@ class MemoryExecutor(Executor):
         self.started: list[ContainerSpec] = []
         self.stopped: list[str] = []
         self.removed: list[str] = []
+        # Set to make events() fail, as a runtime without an event feed would.
+        self.events_error: BaseException | None = None
         self._containers: dict[str, _Container] = {}
         # A Condition so that wait() wakes at once when finish/stop/remove change a container.
         self._changed = threading.Condition(threading.RLock())
@@ -215,6 +219,12 @@ class MemoryExecutor(Executor):
     def ping(self) -> None:
         return None
 
+    def events(self, since: float | None = None) -> EventStream:
+        with self._changed:
+            if self.events_error is not None:
+                raise ExecutorError(str(self.events_error), original=self.events_error)
+        return _MemoryEventStream(self)
+
     # -- test helpers ---------------------------------------------------------------------
 
     def _force_exit(self, container: _Container, exit_code: int) -> None:
@@ -271,3 +281,66 @@ class MemoryExecutor(Executor):
             self.behaviour = exit_at_once
             self.start_error = None
             self._changed.notify_all()
+
+
+class _MemoryEventStream:
+    """Watches the fake's containers and reports exits and removals as Docker would.
+
+    Exits reached by ``runs_for`` change no state, so the stream looks every 20 ms.
+    """
+
+    def __init__(self, executor: MemoryExecutor) -> None:
+        self._executor = executor
+        self._closed = threading.Event()
+        with executor._changed:
+            now = time.monotonic()
+            # What exists now is the starting point: only later changes are events.
+            self._alive = {
+                c.container_id: c for c in executor._containers.values() if c.exit_code(now) is None
+            }
+            self._present = {c.container_id: c for c in executor._containers.values()}
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        executor = self._executor
+        while not self._closed.is_set():
+            with executor._changed:
+                executor._changed.wait(0.02)
+                events = self._changes(time.monotonic())
+            yield from events
+
+    def _changes(self, now: float) -> list[ContainerEvent]:
+        current = {c.container_id: c for c in self._executor._containers.values()}
+        events: list[ContainerEvent] = []
+        for container in current.values():
+            if container.container_id not in self._present:
+                self._present[container.container_id] = container
+                self._alive[container.container_id] = container
+        for cid, container in list(self._alive.items()):
+            code = container.exit_code(now)
+            if code is not None or cid not in current:
+                del self._alive[cid]
+                events.append(_event("die", container, code))
+        for cid, container in list(self._present.items()):
+            if cid not in current:
+                del self._present[cid]
+                events.append(_event("destroy", container, None))
+        return events
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _event(action: str, container: _Container, exit_code: int | None) -> ContainerEvent:
+    labels = container.spec.labels
+    try:
+        attempt = int(labels.get(ATTEMPT_LABEL) or 0)
+    except ValueError:
+        attempt = 0
+    return ContainerEvent(
+        action=action,
+        name=container.spec.name,
+        job_id=labels.get(JOB_LABEL, ""),
+        attempt=attempt,
+        time=time.time(),
+        exit_code=exit_code,
+    )

@@ -157,7 +157,7 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_RESULT_EXPIRES = 24 * 3600
-# A run task holds its worker process while it follows its container: reserving more
+# A run task holds its worker process for the seconds a launch takes; reserving more
 # messages than processes would only delay jobs another worker could start.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -170,18 +170,22 @@ DEMO_IMAGE = os.environ.get("DCC_DEMO_IMAGE", "dcc-test-busybox:latest")
 # Host folder that example jobs may bind-mount (the flaky job keeps a marker file there).
 JOB_STATE_DIR = RUN_DIR / "job-state"
 JOB_STATE_DIR.mkdir(parents=True, exist_ok=True)
-# The worker's process count; the global job limit below matches it, so a job that is
-# claimed always has a process to follow it.
+# The worker's process count. The first batch runs with a global job limit of the same
+# size, so that the order in which slots are handed out (by priority) is easy to see; the
+# second batch restarts the worker with a larger limit, to show more containers running
+# at once than the worker has processes.
 DEMO_WORKER_CONCURRENCY = 2
+DEMO_MAX_CONCURRENT_JOBS = int(os.environ.get("DCC_DEMO_MAX_CONCURRENT", DEMO_WORKER_CONCURRENCY))
 
 CONTAINER_CELERY = {
     "DEFAULT_DOCKER_HOST": os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
     # This machine's Docker has no bridge network; the example jobs need no network.
     "NETWORK_MODE": "none",
-    "MAX_CONCURRENT_JOBS": DEMO_WORKER_CONCURRENCY,
+    "MAX_CONCURRENT_JOBS": DEMO_MAX_CONCURRENT_JOBS,
     # Short intervals so the demo reacts within a second; production can keep defaults.
     "DISPATCH_INTERVAL": 1,
     "POLL_INTERVAL": 0.5,
+    "RECONCILE_INTERVAL": 2.0,
     "LEASE_SECONDS": 30,
     "ALLOWED_BIND_MOUNTS": [str(JOB_STATE_DIR)],
     "RETRY_STRATEGIES": {

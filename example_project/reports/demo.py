@@ -25,6 +25,8 @@ from . import tasks
 
 # Seconds between the batch being queued and the scheduled job becoming due.
 SCHEDULE_DELAY = 8
+# Jobs of the detached-runs batch, all running at once on a worker of concurrency 2.
+FANOUT = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,3 +316,53 @@ def summary(tracked: Sequence[Tracked], started: datetime) -> tuple[str, bool]:
         + sequence
     )
     return "\n".join(lines), all_ok
+
+
+def fanout_batch() -> list[DemoJob]:
+    """The second batch: more jobs at once than the worker has processes."""
+    return [
+        DemoJob(
+            f"crunch({n})",
+            "4 s of work, started alongside the others",
+            Status.COMPLETED,
+            1,
+            lambda n=n: tasks.crunch.delay(n),
+            ordered=False,
+        )
+        for n in range(FANOUT)
+    ]
+
+
+def peak_running(tracked: Sequence[Tracked]) -> int:
+    """Most of these jobs running at one moment, from their start and end times."""
+    marks: list[tuple[datetime, int]] = []
+    for item in tracked:
+        job = item.job
+        if job.started_at is not None and job.completed_at is not None:
+            marks += [(job.started_at, 1), (job.completed_at, -1)]
+    running = peak = 0
+    for _, step in sorted(marks, key=lambda mark: (mark[0], mark[1])):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def fanout_summary(
+    tracked: Sequence[Tracked], started: datetime, processes: int
+) -> tuple[str, bool]:
+    """The detached batch's table and its check: more containers than processes at once."""
+    lines = [format_table(HEADERS, summary_rows(tracked, started)), ""]
+    all_ok = True
+    for item in tracked:
+        ok, detail = check(item)
+        all_ok = all_ok and ok
+        if not ok:
+            lines.append(f"  !!  {item.entry.label}: {detail}")
+    peak = peak_running(tracked)
+    detached = peak > processes
+    lines.append(
+        f"  {'ok' if detached else '!!'}  a worker of concurrency {processes} kept {peak} "
+        "containers running at once: a run holds a worker process only while it launches, "
+        "and the watcher in the worker finishes the jobs"
+    )
+    return "\n".join(lines), all_ok and detached

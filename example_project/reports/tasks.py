@@ -77,3 +77,9 @@ def export_archive(seconds: int) -> str:
 def legacy_import() -> str:
     """Its image does not exist: a permanent error, so none of its 3 retries is used."""
     return "legacy-import --all"
+
+
+@container_task(image=IMAGE, priority=30, max_retries=0, timeout_seconds=30)
+def crunch(chunk: int) -> str:
+    """A few seconds of work: many at once show that runs do not hold worker processes."""
+    return "sh -c " + shlex.quote(f"sleep 4; echo chunk {int(chunk)} done")

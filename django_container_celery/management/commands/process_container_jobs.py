@@ -1,9 +1,11 @@
-"""Run container jobs without Celery: claim, launch and harvest in one loop.
+"""Run container jobs without Celery: claim and launch in a loop, watch in a thread.
 
-Each round rescues jobs whose worker died, launches ready jobs up to ``--max-concurrent``
-(a global limit shared with every other worker), then finishes this worker's jobs whose
-containers exited. SIGTERM or SIGINT stops claiming and waits up to the shutdown timeout
-for running jobs; jobs still running then keep their containers and are adopted by a
+Each round rescues what no watcher looks after and launches ready jobs up to
+``--max-concurrent`` (a global limit shared with every other worker). The command runs the
+same watcher as a Celery worker (``watching.py``): it leads the hosts no other watcher
+leads, finishes jobs from Docker's events and reconciles. SIGTERM or SIGINT stops claiming
+and waits up to the shutdown timeout for the jobs this command launched; jobs still
+running then keep their containers and are finished by another watcher, or adopted by a
 rescue after their lease expires. SIGUSR1 prints queue metrics.
 """
 
@@ -22,7 +24,8 @@ from django.utils import timezone
 from ...conf import app_settings
 from ...models import ContainerJob
 from ...queue import JobQueueManager, default_worker_id
-from ...states import Status
+from ...states import ACTIVE, Status
+from ...watching import Watcher
 
 
 class Command(BaseCommand):
@@ -78,6 +81,18 @@ class Command(BaseCommand):
             self._dry_run(manager, limit)
             return
         self._install_signals(manager)
+        self.launched: set[Any] = set()
+        self.watcher = Watcher(worker_id) if app_settings.WATCHER else None
+        if self.watcher is not None:
+            self.watcher.start()
+        try:
+            self._loop(manager, limit, options)
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+
+    def _loop(self, manager: JobQueueManager, limit: int, options: dict[str, Any]) -> None:
+        worker_id = manager.worker_id
         started = time.monotonic()
         deadline = None if options["timeout"] is None else started + options["timeout"]
         self.stdout.write(f"worker {worker_id}: processing jobs (max concurrent {limit})")
@@ -114,41 +129,51 @@ class Command(BaseCommand):
                     continue  # moved on since we read it
         rescued = manager.rescue_stale_jobs()
         batch = manager.launch_next_batch(max_concurrent=limit)
-        harvested = manager.harvest_finished_jobs()
+        self.launched.update(batch["job_ids"])
+        before = len(self.launched)
+        self._forget_final()
+        finished = before - len(self.launched)
         for error in batch["errors"]:
             self.stderr.write(f"launch error: {error}")
-        if self.verbose or batch["launched"] or harvested or rescued:
+        if self.verbose or batch["launched"] or finished or rescued:
             self.stdout.write(
                 f"{timezone.now():%H:%M:%S} launched={batch['launched']} "
-                f"finished={harvested} rescued={rescued} errors={len(batch['errors'])}"
+                f"finished={finished} rescued={rescued} errors={len(batch['errors'])}"
             )
 
+    def _forget_final(self) -> None:
+        """Forget launched jobs that no longer hold a slot (final, or waiting to retry)."""
+        if self.launched:
+            active = ContainerJob.objects.filter(pk__in=list(self.launched), status__in=ACTIVE)
+            self.launched.intersection_update(active.values_list("pk", flat=True))
+
     def _own_running(self, manager: JobQueueManager) -> int:
-        return ContainerJob.objects.filter(
-            claimed_by=manager.worker_id, status__in=[Status.LAUNCHING, Status.RUNNING]
-        ).count()
+        """Jobs this command launched that are not final yet (the watcher finishes them)."""
+        if self.watcher is None:
+            manager.harvest_finished_jobs()  # no watcher: reconcile here
+        self._forget_final()
+        return len(self.launched)
 
     def _drain(self, manager: JobQueueManager, deadline: float | None) -> None:
         """Harvest until this worker runs nothing, the deadline passes, or a signal."""
         while self._own_running(manager) and not self.stopping.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            time.sleep(min(1.0, float(app_settings.POLL_INTERVAL)))
+            time.sleep(0.1)
             self._attend_signals(manager)
-            manager.harvest_finished_jobs()
 
     def _shutdown(self, manager: JobQueueManager, timeout: float | None) -> None:
         wait = app_settings.SHUTDOWN_TIMEOUT if timeout is None else timeout
         end = time.monotonic() + wait
         while self._own_running(manager) and time.monotonic() < end:
             self._attend_signals(manager)
-            manager.harvest_finished_jobs()
-            time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
         left = self._own_running(manager)
         if left:
             self.stdout.write(
                 f"stopped with {left} job(s) still running; they keep their containers and "
-                "are adopted by a rescue when their lease expires"
+                "are finished by another watcher, or adopted by a rescue when their lease "
+                "expires"
             )
         else:
             self.stdout.write("stopped cleanly")

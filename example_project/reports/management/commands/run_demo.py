@@ -124,6 +124,7 @@ class Command(BaseCommand):
             self.clear_leftovers()
             self.start_processes()
             ok = self.run_batch(options["timeout"])
+            ok = self.run_detached(options["timeout"]) and ok
         except KeyboardInterrupt:
             interrupted, ok = True, False
             self.stdout.write("\nInterrupted. Jobs left unfinished are cancelled by the next run.")
@@ -219,17 +220,36 @@ class Command(BaseCommand):
             for message in folder.glob("*.msg"):
                 message.unlink(missing_ok=True)
 
-    def start_processes(self) -> None:
+    def process_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         paths = [str(BASE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["DJANGO_SETTINGS_MODULE"] = "demo_site.settings"
+        env.update(extra)
+        return env
+
+    def start_processes(self) -> None:
+        env = self.process_env()
+        celery = [sys.executable, "-m", "celery", "-A", "demo_site"]
+        self.step(
+            f"Starting a Celery worker (concurrency {settings.DEMO_WORKER_CONCURRENCY}) and beat"
+        )
+        worker = self.start_worker(env)
+        beat = Process("beat", [*celery, "beat", "-l", "info", "--max-interval", "1"], env)
+        self.processes.append(beat)
+        time.sleep(1)
+        if not beat.alive():
+            raise CommandError(f"celery beat exited at start:\n{beat.log_tail()}")
+        self.stdout.write(
+            f"    worker pid {worker.pid}, beat pid {beat.pid}; logs in {_relative(LOG_DIR)}/"
+        )
+
+    def start_worker(self, env: dict[str, str], name: str = "worker") -> Process:
         celery = [sys.executable, "-m", "celery", "-A", "demo_site"]
         concurrency = str(settings.DEMO_WORKER_CONCURRENCY)
         node = f"demo-{uuid.uuid4().hex[:6]}@%h"
-        self.step(f"Starting a Celery worker (concurrency {concurrency}) and beat")
         worker = Process(
-            "worker",
+            name,
             [
                 *celery,
                 "worker",
@@ -247,16 +267,9 @@ class Command(BaseCommand):
             ],
             env,
         )
-        self.processes.append(worker)
+        self.processes.insert(0, worker)
         self.wait_until_ready(worker)
-        beat = Process("beat", [*celery, "beat", "-l", "info", "--max-interval", "1"], env)
-        self.processes.append(beat)
-        time.sleep(1)
-        if not beat.alive():
-            raise CommandError(f"celery beat exited at start:\n{beat.log_tail()}")
-        self.stdout.write(
-            f"    worker pid {worker.pid}, beat pid {beat.pid}; logs in {_relative(LOG_DIR)}/"
-        )
+        return worker
 
     def wait_until_ready(self, worker: Process, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -276,7 +289,7 @@ class Command(BaseCommand):
             self.stdout.write(f"    {entry.label:<{width}}  {entry.shows}")
         tracked = demo.queue_batch(entries)
         queued_at = timezone.now()
-        self.step("Running (the worker claims, launches and follows; beat dispatches)")
+        self.step("Running (the worker claims and launches, its watcher finishes; beat dispatches)")
         display = demo.ProgressDisplay(self.stdout._out, tracked, queued_at, self.tty)
         deadline = time.monotonic() + timeout
         look = 0
@@ -294,6 +307,38 @@ class Command(BaseCommand):
             time.sleep(0.25)
         self.step("Summary")
         text, ok = demo.summary(tracked, queued_at)
+        self.stdout.write(text)
+        return ok and done
+
+    def run_detached(self, timeout: float) -> bool:
+        """The second batch: more containers at once than the worker has processes."""
+        limit = demo.FANOUT + 2
+        self.step(f"Restarting the worker with room for {limit} jobs at once (warm shutdown)")
+        old = self.processes.pop(0)
+        began = time.monotonic()
+        old.stop()
+        self.stdout.write(f"    the old worker stopped in {time.monotonic() - began:.1f}s")
+        worker = self.start_worker(
+            self.process_env(DCC_DEMO_MAX_CONCURRENT=str(limit)), name="worker-detached"
+        )
+        self.step(
+            f"Queueing {demo.FANOUT} jobs of 4 s on a worker of "
+            f"{settings.DEMO_WORKER_CONCURRENCY} processes (pid {worker.pid})"
+        )
+        tracked = demo.queue_batch(demo.fanout_batch())
+        queued_at = timezone.now()
+        display = demo.ProgressDisplay(self.stdout._out, tracked, queued_at, self.tty)
+        deadline = time.monotonic() + timeout
+        while True:
+            demo.refresh(tracked)
+            done = demo.all_final(tracked)
+            display.show(timezone.now(), force=done)
+            if done or time.monotonic() > deadline:
+                break
+            self.check_processes()
+            time.sleep(0.25)
+        self.step("Summary of the detached runs")
+        text, ok = demo.fanout_summary(tracked, queued_at, settings.DEMO_WORKER_CONCURRENCY)
         self.stdout.write(text)
         return ok and done
 

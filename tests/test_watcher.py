@@ -1,0 +1,174 @@
+"""The watcher against the in-memory executor and the real database: leadership, the event
+path and the reconcile pass. Real Celery workers and Docker are in test_detached.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from django_container_celery import watching
+from django_container_celery.executors import FakeRun, MemoryExecutor
+from django_container_celery.models import ContainerJob
+from django_container_celery.queue import JobQueueManager
+from django_container_celery.states import Status
+from django_container_celery.watching import Watcher
+
+from .celery_support import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def mem() -> MemoryExecutor:
+    return MemoryExecutor(lambda spec: FakeRun(runs_for=float("inf"), stdout="out\n"))
+
+
+@pytest.fixture
+def watchers(mem: MemoryExecutor) -> Iterator[Any]:
+    started: list[Watcher] = []
+
+    def start(name: str, reconcile_interval: float = 60.0) -> Watcher:
+        # A pass runs when a watcher starts to lead; afterwards every reconcile_interval.
+        watcher = Watcher(
+            name, executor_factory=lambda host: mem, reconcile_interval=reconcile_interval
+        )
+        started.append(watcher)
+        watcher.start()
+        return watcher
+
+    yield start
+    for watcher in started:
+        watcher.stop()
+
+
+def launched(mem: MemoryExecutor, **fields: Any) -> ContainerJob:
+    job = ContainerJob.objects.create_job(docker_image="busybox:latest", command="run", **fields)
+    job.mark_as_queued()
+    manager = JobQueueManager(executor_factory=lambda host: mem, worker_id="launcher")
+    assert manager.launch_job(job)["success"]
+    job.refresh_from_db()
+    assert job.status == Status.RUNNING
+    return job
+
+
+def status_of(job: ContainerJob) -> str:
+    return str(ContainerJob.objects.values_list("status", flat=True).get(pk=job.pk))
+
+
+def test_an_exit_is_recorded_from_the_event_stream(mem: MemoryExecutor, watchers: Any) -> None:
+    watcher = watchers("w1", reconcile_interval=3600)  # no reconcile pass after the first
+    wait_for(lambda: watcher.leading == {None}, 10, message="the watcher never led")
+    job = launched(mem)
+    time.sleep(0.3)
+    assert status_of(job) == Status.RUNNING
+    began = time.monotonic()
+    mem.finish(job.container_name, 0)
+    wait_for(lambda: status_of(job) == Status.COMPLETED, 5, interval=0.01)
+    took = time.monotonic() - began
+    print(f"exit recorded {took * 1000:.0f} ms after it happened")
+    done = ContainerJob.objects.get(pk=job.pk)
+    assert done.stdout_log == "out\n" and done.exit_code == 0
+    assert done.claimed_by == ""
+    wait_for(lambda: mem.names() == [], 5, message="container not removed")
+
+
+def test_the_reconcile_pass_catches_what_events_miss(mem: MemoryExecutor, watchers: Any) -> None:
+    mem.events_error = RuntimeError("this runtime has no event feed")
+    watcher = watchers("w1", reconcile_interval=0.3)
+    wait_for(lambda: watcher.leading == {None}, 10, message="the watcher never led")
+    ok, fails, vanishes, slow = (launched(mem, timeout_seconds=t) for t in (60, 60, 60, 1))
+    mem.finish(ok.container_name, 0)
+    mem.finish(fails.container_name, 3)
+    mem.vanish(vanishes.container_name)
+    wait_for(
+        lambda: (
+            [status_of(j) for j in (ok, fails, vanishes, slow)]
+            == [Status.COMPLETED, Status.FAILED, Status.RETRYING, Status.FAILED]
+        ),
+        10,
+        message="the reconcile pass did not end every attempt",
+    )
+    assert "timed out" in ContainerJob.objects.get(pk=slow.pk).last_error
+    assert "vanished" in ContainerJob.objects.get(pk=vanishes.pk).last_error
+    assert mem.running_names() == []
+
+
+def test_the_leader_takes_the_running_jobs_and_renews_their_leases(
+    mem: MemoryExecutor, watchers: Any
+) -> None:
+    job = launched(mem)
+    first = ContainerJob.objects.get(pk=job.pk).lease_expires_at
+    watcher = watchers("leader", reconcile_interval=0.2)
+    wait_for(
+        lambda: ContainerJob.objects.get(pk=job.pk).claimed_by == "leader",
+        10,
+        message="the leader did not take the running job",
+    )
+    wait_for(
+        lambda: ContainerJob.objects.get(pk=job.pk).lease_expires_at > first,
+        10,
+        message="the lease was not renewed",
+    )
+    assert watcher.leading == {None}
+
+
+def test_one_leader_at_a_time_and_a_standby_takes_over(mem: MemoryExecutor, watchers: Any) -> None:
+    if connection.vendor != "postgresql":
+        pytest.fail("leadership needs PostgreSQL; set DATABASE_URL", pytrace=False)
+    first = watchers("first")
+    wait_for(lambda: first.leading == {None}, 10, message="the first watcher never led")
+    second = watchers("second")
+    time.sleep(2.5)  # two leadership polls
+    assert (first.leading, second.leading) == ({None}, set())
+
+    job = launched(mem)
+    first.stop()
+    began = time.monotonic()
+    wait_for(lambda: second.leading == {None}, 10, message="the standby never took over")
+    print(f"standby led {time.monotonic() - began:.2f}s after the leader stopped")
+    mem.finish(job.container_name, 0)
+    wait_for(lambda: status_of(job) == Status.COMPLETED, 10, message="the new leader idled")
+
+
+def test_rescue_leaves_a_watched_host_to_its_leader(mem: MemoryExecutor, watchers: Any) -> None:
+    if connection.vendor != "postgresql":
+        pytest.fail("leadership needs PostgreSQL; set DATABASE_URL", pytrace=False)
+    watcher = watchers("leader")
+    wait_for(lambda: watcher.leading == {None}, 10, message="the watcher never led")
+    with watching.unwatched(None) as free:
+        assert free is False
+    watcher.stop()
+    with watching.unwatched(None) as free:
+        assert free is True
+
+
+def test_a_container_of_a_final_job_is_stopped(mem: MemoryExecutor, watchers: Any) -> None:
+    job = launched(mem)
+    # The row says cancelled but the container runs on (a stop that failed, say).
+    ContainerJob.objects.filter(pk=job.pk).update(status=Status.CANCELLED, claimed_by="")
+    assert mem.running_names() == [job.container_name]
+    watchers("w1", reconcile_interval=0.2)
+    wait_for(lambda: mem.running_names() == [], 10, message="the stray container still runs")
+    assert job.container_name in mem.stopped
+
+
+def test_another_installations_container_is_left_alone(mem: MemoryExecutor, watchers: Any) -> None:
+    from django_container_celery.executors import ContainerSpec
+
+    foreign = "dcc-00000000-0000-0000-0000-000000000001-a1"
+    mem.start(
+        ContainerSpec(
+            name=foreign,
+            image="busybox:latest",
+            command=None,
+            environment={},
+            labels={"dcc.job_id": "00000000-0000-0000-0000-000000000001", "dcc.attempt": "1"},
+        )
+    )
+    watchers("w1", reconcile_interval=0.2)
+    time.sleep(1.0)
+    assert mem.running_names() == [foreign]
