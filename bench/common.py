@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
@@ -212,6 +212,24 @@ def start_worker(env: BenchEnv, name: str, concurrency: int, timeout: float = 60
             return proc
     proc.stop()
     raise RuntimeError(f"worker did not answer a ping within {timeout}s:\n{proc.log_tail()}")
+
+
+@contextlib.contextmanager
+def worker_and_events(env: BenchEnv, name: str, concurrency: int) -> Iterator[tuple[Any, Any]]:
+    """A benchmark worker and a Docker event collector started before it; on a failure the
+    worker's log tail is printed, and both are stopped on every way out."""
+    from django.conf import settings
+
+    events = DockerEvents(settings.DOCKER_HOST, ("dcc-", "dccbench-"))
+    worker = start_worker(env, name, concurrency)
+    try:
+        yield worker, events
+    except BaseException:
+        print(worker.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        worker.stop()
+        events.close()
 
 
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})

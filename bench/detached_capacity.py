@@ -135,24 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic()
     env = common.prepare(DATABASE, overrides)
 
-    from django.conf import settings
-
     from bench.plain_tasks import BENCH_LABEL, docker_client
     from django_container_celery.models import ContainerJob
 
     client = docker_client()
     common.reset_jobs(client, BENCH_LABEL)
-    events = common.DockerEvents(settings.DOCKER_HOST, ("dcc-", "dccbench-"))
-    worker = common.start_worker(env, "bench-detached", concurrency=2)
     try:
-        blocking = run_blocking(env, events, args.baseline_jobs)
-        detached = run_detached(env, events, worker, args.jobs, folder)
-    except BaseException:
-        print(worker.log_tail(), file=sys.stderr)
-        raise
+        with common.worker_and_events(env, "bench-detached", concurrency=2) as (worker, events):
+            blocking = run_blocking(env, events, args.baseline_jobs)
+            detached = run_detached(env, events, worker, args.jobs, folder)
     finally:
-        worker.stop()
-        events.close()
         ids = {str(pk) for pk in ContainerJob.objects.values_list("pk", flat=True)}
         left = len(common.bench_containers(client, ids, BENCH_LABEL))
         common.remove_containers(client, ids, BENCH_LABEL)

@@ -161,28 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic()
     env = common.prepare(DATABASE, overrides)
 
-    from django.conf import settings
-
     from bench.plain_tasks import BENCH_LABEL, docker_client
 
     client = docker_client()
     common.reset_jobs(client, BENCH_LABEL)
-    events = common.DockerEvents(settings.DOCKER_HOST, ("dcc-", "dccbench-"))
-    runner = Runner(env, args.command, events)
-    worker = common.start_worker(env, "bench-dispatch", concurrency=1)
+    job_ids: set[str] = set()
     try:
-        for index in range(args.warmup + args.jobs):
-            shift = index % len(PATHS)
-            for path in PATHS[shift:] + PATHS[:shift]:
-                runner.run(path, index, record=index >= args.warmup)
-        time.sleep(0.5)  # the last events reach the stream
-    except BaseException:
-        print(worker.log_tail(), file=sys.stderr)
-        raise
+        with common.worker_and_events(env, "bench-dispatch", concurrency=1) as (_, events):
+            runner = Runner(env, args.command, events)
+            job_ids = runner.job_ids
+            for index in range(args.warmup + args.jobs):
+                shift = index % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
+                    runner.run(path, index, record=index >= args.warmup)
+            time.sleep(0.5)  # the last events reach the stream
     finally:
-        worker.stop()
-        events.close()
-        common.remove_containers(client, runner.job_ids, BENCH_LABEL)
+        common.remove_containers(client, job_ids, BENCH_LABEL)
     runner.stages()
 
     samples = runner.samples

@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic()
     env = common.prepare(DATABASE, overrides)
 
-    from django.conf import settings
-
     from bench.plain_tasks import BENCH_LABEL, docker_client
     from django_container_celery.models import ContainerJob
 
@@ -177,42 +175,37 @@ def main(argv: list[str] | None = None) -> int:
     tag = uuid.uuid4().hex[:8]
     labels = {BENCH_LABEL: f"throughput-{tag}"}
     plain_prefix = f"dccbench-{tag}-run"
-    events = common.DockerEvents(settings.DOCKER_HOST, ("dcc-", "dccbench-"))
-    worker = common.start_worker(env, "bench-throughput", concurrency=args.concurrency)
     product: list[dict[str, float]] = []
     plain: list[dict[str, float]] = []
     sizes: list[int] = []
     job_ids: set[str] = set()
+    session = common.worker_and_events(env, "bench-throughput", concurrency=args.concurrency)
     try:
-        # One job per pool process of each kind (the pool hands idle processes work first).
-        warmup = args.concurrency
-        run_product(env, warmup, "bench-warmup")
-        warm = run_plain(env, warmup, f"dccbench-{tag}-warmup-", labels)
-        pair_rate = warmup / (warm["done"] - warm["began"])  # a cautious first guess
-        wanted = args.jobs
-        for index in range(rounds):
-            size = round_size(wanted, rounds - index, pair_rate, args.budget, wall)
-            sizes.append(size)
-            kinds = ("product", "plain") if index % 2 == 0 else ("plain", "product")
-            for kind in kinds:
-                if kind == "product":
-                    product.append(run_product(env, size, f"{PRODUCT_NAME}-{index}"))
-                else:
-                    plain.append(run_plain(env, size, f"{plain_prefix}{index}-", labels))
-            pair_rate = 2 * sum(sizes) / (total(product, "done") + total(plain, "done"))
-            wanted -= size
-        job_ids = {str(pk) for pk in ContainerJob.objects.values_list("pk", flat=True)}
-        common.wait_until(
-            lambda: not common.bench_containers(client, job_ids, BENCH_LABEL), 10, 0.2
-        )
-        left = len(common.bench_containers(client, job_ids, BENCH_LABEL))
-        time.sleep(0.5)  # the last events reach the stream
-    except BaseException:
-        print(worker.log_tail(), file=sys.stderr)
-        raise
+        with session as (_, events):
+            # One job per pool process of each kind (the pool hands idle processes work first).
+            warmup = args.concurrency
+            run_product(env, warmup, "bench-warmup")
+            warm = run_plain(env, warmup, f"dccbench-{tag}-warmup-", labels)
+            pair_rate = warmup / (warm["done"] - warm["began"])  # a cautious first guess
+            wanted = args.jobs
+            for index in range(rounds):
+                size = round_size(wanted, rounds - index, pair_rate, args.budget, wall)
+                sizes.append(size)
+                kinds = ("product", "plain") if index % 2 == 0 else ("plain", "product")
+                for kind in kinds:
+                    if kind == "product":
+                        product.append(run_product(env, size, f"{PRODUCT_NAME}-{index}"))
+                    else:
+                        plain.append(run_plain(env, size, f"{plain_prefix}{index}-", labels))
+                pair_rate = 2 * sum(sizes) / (total(product, "done") + total(plain, "done"))
+                wanted -= size
+            job_ids = {str(pk) for pk in ContainerJob.objects.values_list("pk", flat=True)}
+            common.wait_until(
+                lambda: not common.bench_containers(client, job_ids, BENCH_LABEL), 10, 0.2
+            )
+            left = len(common.bench_containers(client, job_ids, BENCH_LABEL))
+            time.sleep(0.5)  # the last events reach the stream
     finally:
-        worker.stop()
-        events.close()
         common.remove_containers(client, job_ids, BENCH_LABEL)
 
     measured = ContainerJob.objects.filter(name__startswith=PRODUCT_NAME)

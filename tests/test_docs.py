@@ -213,16 +213,24 @@ def _late_task_consumer() -> type:
 def in_process_worker(app: Any) -> Iterator[None]:
     from celery.contrib.testing.worker import start_worker
 
+    from django_container_celery.watching import Watcher
+
     # One pool thread: tasks run one at a time in the worker's thread, whose database
-    # connection Celery's Django fixup closes after every task.
-    with start_worker(
-        app,
-        pool="solo",
-        concurrency=1,
-        perform_ping_check=False,
-        consumer_cls=_late_task_consumer(),
-    ):
-        yield
+    # connection Celery's Django fixup closes after every task. Celery's test worker sends
+    # no worker_ready signal, so the watcher a real worker starts is started here.
+    watcher = Watcher("docs-watcher", reconcile_interval=0.5)
+    watcher.start()
+    try:
+        with start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            perform_ping_check=False,
+            consumer_cls=_late_task_consumer(),
+        ):
+            yield
+    finally:
+        watcher.stop()
 
 
 def executor_settings(block: Block) -> Any:
