@@ -77,7 +77,7 @@ def run_detached(
         ContainerJob.objects.create_job(
             name="bench-detached",
             docker_image=env.image,
-            command=f"sh -c 'while [ ! -e /signal/go-{n} ]; do sleep 0.1; done'",
+            command=f"sh -c 'while [ ! -e /signal/go-{n} ]; do sleep 1; done'",
             bind_mounts=[f"{folder}:/signal:ro"],
             timeout_seconds=600,
             max_retries=0,

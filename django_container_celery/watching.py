@@ -51,7 +51,7 @@ from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors import executor_for
 from .executors.base import ContainerEvent, ContainerInfo, EventStream, Executor
-from .finishing import remove_container
+from .finishing import finish, remove_container
 from .models import ContainerJob, ExecutorHost
 from .states import Status
 
@@ -214,7 +214,7 @@ def reconcile(
             continue
         if _isolated(job, following.check, job, executor, remove) is following.Progress.FINISHED:
             done.finished += 1
-    done.stopped = _stop_strays(listed, executor)
+    done.stopped = _stop_strays(listed, executor, remove)
     return done
 
 
@@ -230,7 +230,9 @@ def _isolated(job: ContainerJob, step: Callable[..., Any], *args: Any) -> Any:
         return None
 
 
-def _stop_strays(listed: list[ContainerInfo], executor: Executor) -> int:
+def _stop_strays(
+    listed: list[ContainerInfo], executor: Executor, remove: Remover | None = None
+) -> int:
     """Stop (and unless KEEP_CONTAINERS remove) containers no active attempt owns.
 
     Statuses are read after the listing, so a container whose claim was made meanwhile
@@ -261,7 +263,8 @@ def _stop_strays(listed: list[ContainerInfo], executor: Executor) -> int:
                     )
                     executor.stop(info.name, timeout=5)
                 if not app_settings.KEEP_CONTAINERS:
-                    executor.remove(info.name)
+                    # A removal is slow on some storage drivers: the watcher queues it.
+                    (remove or remove_container)(executor, info.name)
                 stopped += 1
     return stopped
 
@@ -330,8 +333,10 @@ class Watcher:
         self._stopping = threading.Event()
         self._events: queue.Queue[tuple[Target, ContainerEvent]] = queue.Queue()
         self._leads: dict[Target, _Lead] = {}
-        self._rechecks: dict[tuple[str, int], tuple[Target, float]] = {}
+        self._rechecks: dict[tuple[str, int], tuple[Target, float, int | None]] = {}
         self._removals: queue.Queue[tuple[Executor, str] | None] = queue.Queue()
+        self._removing: set[str] = set()
+        self._removing_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._remover: threading.Thread | None = None
         self._db: Any = None  # the thread's connection wrapper, see _forget_after_fork
@@ -508,9 +513,14 @@ class Watcher:
                 return
             lead = self._leads.get(target)
             if lead is not None:
-                self._look_at(lead, event.job_id, event.attempt)
+                code = event.exit_code if event.action == "die" else None
+                self._look_at(lead, event.job_id, event.attempt, code)
 
-    def _look_at(self, lead: _Lead, job_id: str, attempt: int) -> None:
+    def _look_at(
+        self, lead: _Lead, job_id: str, attempt: int, exit_code: int | None = None
+    ) -> None:
+        """Act on what an event said of one attempt; ``exit_code`` is the one a ``die``
+        event carried (no need to ask the daemon again)."""
         try:
             pk = uuid.UUID(job_id)
         except ValueError:
@@ -526,25 +536,35 @@ class Watcher:
         if job.status == Status.LAUNCHING:
             # Its launcher has not recorded it as running yet: look again shortly.
             self._rechecks.setdefault(
-                (job_id, attempt), (lead.target, time.monotonic() + RECHECK_SECONDS)
+                (job_id, attempt), (lead.target, time.monotonic() + RECHECK_SECONDS, exit_code)
             )
             return
         self._rechecks.pop((job_id, attempt), None)
         with contextlib.suppress(TransitionConflict):  # someone else ended it first
-            _isolated(job, following.check, job, lead.executor, self._remove_later)
+            if exit_code is None:
+                _isolated(job, following.check, job, lead.executor, self._remove_later)
+            else:
+                _isolated(job, self._finish_exited, job, lead.executor, exit_code)
+
+    def _finish_exited(self, job: ContainerJob, executor: Executor, exit_code: int) -> bool:
+        return finish(job, executor, exit_code, remove=self._remove_later)
 
     def _handle_rechecks(self) -> None:
         now = time.monotonic()
-        for (job_id, attempt), (target, until) in list(self._rechecks.items()):
+        for (job_id, attempt), (target, until, exit_code) in list(self._rechecks.items()):
             lead = self._leads.get(target)
             if lead is None or now > until:
                 self._rechecks.pop((job_id, attempt), None)
                 continue
-            self._look_at(lead, job_id, attempt)
+            self._look_at(lead, job_id, attempt, exit_code)
 
     # -- container removal, off the finishing path -----------------------------------------
 
     def _remove_later(self, executor: Executor, name: str) -> None:
+        with self._removing_lock:
+            if name in self._removing:
+                return  # queued already (by the event path, or an earlier pass)
+            self._removing.add(name)
         self._removals.put((executor, name))
 
     def _remove_loop(self) -> None:
@@ -554,7 +574,12 @@ class Watcher:
                 if self._stopping.is_set():
                     return
                 continue
+            # Exits waiting to be recorded go first: a removal keeps the daemon busy.
+            while not self._events.empty() and not self._stopping.is_set():
+                time.sleep(0.02)
             remove_container(*item)
+            with self._removing_lock:
+                self._removing.discard(item[1])
 
     # -- leaving ----------------------------------------------------------------------------
 
