@@ -9,7 +9,8 @@ interleaved in rotating order so that load from anything else on the machine fal
 of them alike:
 
 * ``product``: a ContainerJob is created (not timed), then ``job.delay()``; the worker's
-  ``run_container_job`` claims, launches, follows and finishes it.
+  ``run_container_job`` claims and launches it, and the worker's watcher finishes it from
+  Docker's ``die`` event.
 * ``plain``: the baseline, a plain Celery task (``bench/plain_tasks.py``) in the same worker
   that calls docker-py's ``containers.run(detach=True)``, ``wait()`` and ``remove()``.
 * ``raw``: the same docker-py calls made directly from this process, without Celery: the
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "--poll-interval",
         type=float,
         default=1.0,
-        help="POLL_INTERVAL of the product worker (its follow loop's wait timeout)",
+        help="POLL_INTERVAL of the product worker (only canvas steps use it)",
     )
     parser.add_argument("--command", default="true", help="command run in each container")
     args = parser.parse_args(argv)

@@ -26,9 +26,8 @@ Both run ``true`` in the test image with network "none". A few unmeasured jobs o
 warm up the pool processes first. ``throughput_ratio`` is product / plain (the goal is at
 least 0.9). The product worker runs with ``MAX_CONCURRENT_JOBS`` 8, so the app's own limit
 never holds back the four pool processes, and ``POLL_INTERVAL`` from ``--poll-interval``
-(default 1.0 s, the app's default): the follow loop blocks in Docker's wait endpoint with
-that timeout, which returns as soon as the container exits, so the interval bounds only how
-often a long job's wait is renewed, not how soon a finished job is seen.
+(default 1.0 s, the app's default), which only canvas steps use: the run task returns once
+its container runs, and the worker's watcher records each exit from Docker's events.
 
 Checks printed with the figures: ``*_containers_per_job`` (containers the daemon created
 per job, from its event stream; 1.0 means no duplicate launch), ``product_attempts_not_1``
