@@ -361,13 +361,6 @@ def watch_running(host_id: int | None, watcher_id: str) -> int:
     )
 
 
-def renew_leases(worker_id: str) -> int:
-    """Extend the lease of every job this worker holds; returns how many."""
-    return ContainerJob.objects.filter(claimed_by=worker_id, status__in=states.ACTIVE).update(
-        lease_expires_at=lease_deadline()
-    )
-
-
 def renew_lease(job: ContainerJob) -> bool:
     """Extend one job's lease while the claim (owner, attempt) is still ours."""
     return job.update_as_claimant(lease_expires_at=lease_deadline())
