@@ -65,6 +65,12 @@ class ExecutorHost(models.Model):
         help_text=_("Relative share of unpinned jobs when several hosts have room."),
     )
     auto_pull_images = models.BooleanField(default=False)
+    unreachable_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("Since when the daemon has not answered; empty while it answers."),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -79,6 +85,23 @@ class ExecutorHost(models.Model):
 
     def active_job_count(self) -> int:
         return ContainerJob.objects.filter(assigned_host=self, status__in=states.ACTIVE).count()
+
+
+class Installation(models.Model):
+    """The identity of this installation: one row, the same for all of its processes.
+
+    Every container carries its id as a label, so sweeps and cleanup on a daemon shared
+    by several installations touch only their own containers.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return str(self.id)
 
 
 class ContainerJobQuerySet(models.QuerySet["ContainerJob"]):
@@ -244,6 +267,13 @@ class ContainerJob(models.Model):
     stdout_log = models.TextField(blank=True)
     stderr_log = models.TextField(blank=True)
     celery_task_id = models.CharField(max_length=255, blank=True)
+    stop_pending = models.BooleanField(
+        default=False,
+        help_text=_(
+            "The job ended but its container could not be stopped yet (its host did not "
+            "answer); it keeps its host slot until the container is stopped."
+        ),
+    )
 
     objects = ContainerJobQuerySet.as_manager()
 
