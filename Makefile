@@ -49,6 +49,7 @@ bench: install services
 	$(PY) bench/dispatch_overhead.py
 	$(PY) bench/throughput.py
 	$(PY) bench/detached_capacity.py
+	$(PY) bench/log_capture.py
 
 # The demo runs on its own defaults (SQLite, a folder broker) unless the caller set
 # DATABASE_URL or CELERY_BROKER_URL: the values exported above are the tests' services.

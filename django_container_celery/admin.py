@@ -34,6 +34,7 @@ from django.http import (
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -57,8 +58,8 @@ from .admin_views import (
 from .exceptions import ExecutorError
 from .executors import executor_for
 from .forms import DEFINITION_FIELDS, LOCKED_STATUSES, ContainerJobForm, ScheduleForm
+from .masking import mask_environment, mask_text
 from .models import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, ContainerJob, ExecutorHost
-from .validators import mask_environment
 
 TEMPLATES = "admin/django_container_celery/containerjob"
 QUEUE_STATUS_LABELS = dict(QUEUE_STATUS_CHOICES)
@@ -498,7 +499,7 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
                         ("queue_status_badge", "status_badge"),
                         ("queued_at", "scheduled_for", "launched_at"),
                         ("retry_count", "dispatched_at"),
-                        ("last_error_at", "last_error"),
+                        ("last_error_at", "last_error_masked"),
                     ),
                 },
             ),
@@ -527,6 +528,11 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
             '<pre class="dcc-env">{}</pre>',
             "\n".join(f"{key}={value}" for key, value in env.items()),
         )
+
+    @admin.display(description=_("Last error"))
+    def last_error_masked(self, job: ContainerJob) -> str:
+        # An error may quote the container's output, and so one of the job's secrets.
+        return mask_text(job.last_error, job.environment)
 
     @admin.display(description=_("Container name"))
     def container_name(self, job: ContainerJob) -> str:
@@ -871,6 +877,7 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
         "name",
         "connection_string",
         "is_active",
+        "reachability",
         "load",
         "max_concurrent_jobs",
         "weight",
@@ -879,9 +886,20 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
     )
     list_filter = ("is_active", "tls_enabled")
     search_fields = ("name", "connection_string")
-    readonly_fields = ("load", "created_at", "updated_at")
+    readonly_fields = ("load", "reachability", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("name", "connection_string", "is_active", "auto_pull_images")}),
+        (
+            None,
+            {
+                "fields": (
+                    "name",
+                    "connection_string",
+                    "is_active",
+                    "reachability",
+                    "auto_pull_images",
+                )
+            },
+        ),
         (_("Capacity"), {"fields": ("max_concurrent_jobs", "weight", "load")}),
         (
             _("TLS"),
@@ -916,6 +934,19 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
             percent,
             active,
             capacity,
+        )
+
+    @admin.display(description=_("Daemon"), ordering="unreachable_since")
+    def reachability(self, host: ExecutorHost) -> SafeString:
+        # Set by the watcher's reconcile pass; its running jobs stay running meanwhile.
+        since = host.unreachable_since
+        if since is None:
+            return format_html('<span class="dcc-host-ok">{}</span>', _("answers"))
+        return format_html(
+            '<span class="dcc-host-down" title="{}">{}</span>',
+            _("Running jobs stay running until the daemon answers or they are cancelled."),
+            _("unreachable since %(since)s")
+            % {"since": date_format(timezone.localtime(since), "DATETIME_FORMAT")},
         )
 
     def changelist_view(

@@ -24,10 +24,10 @@ from django.utils.translation import ngettext
 
 from . import states
 from .forms import EDITABLE_STATUSES, LOCKED_STATUSES
+from .masking import mask_text
 from .models import ContainerJob, ExecutorHost
 from .queue import queue_manager
 from .states import Status
-from .validators import MASK, is_secret_key
 
 QUEUE_STATUS_CHOICES: list[tuple[str, Any]] = [
     ("not_queued", _("Not queued")),
@@ -299,7 +299,8 @@ def with_load(hosts: QuerySet[ExecutorHost]) -> QuerySet[ExecutorHost]:
     job a host ever ran, while the subquery is served by the partial index on active jobs.
     """
     active = (
-        ContainerJob.objects.filter(assigned_host=OuterRef("pk"), status__in=sorted(states.ACTIVE))
+        ContainerJob.objects.holding_slots()
+        .filter(assigned_host=OuterRef("pk"))
         .order_by()
         .values("assigned_host")
         .annotate(n=Count("pk"))
@@ -352,28 +353,12 @@ def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
 
 LOG_STREAMS = {"stdout": "stdout_log", "stderr": "stderr_log"}
 LOG_PREVIEW_CHARS = 2000
-# Shorter secret values are not hidden in logs: masking every "1" or "on" would ruin them.
-MIN_REDACTED_LENGTH = 4
-
-
-def redact(text: str, environment: dict[str, Any]) -> str:
-    """``text`` with the values of the job's secret-looking variables replaced by the mask."""
-    secrets = sorted(
-        {
-            str(value)
-            for key, value in (environment or {}).items()
-            if is_secret_key(str(key)) and len(str(value)) >= MIN_REDACTED_LENGTH
-        },
-        key=len,
-        reverse=True,
-    )
-    for secret in secrets:
-        text = text.replace(secret, MASK)
-    return text
+# The admin's name for the masking every other output of the app uses too.
+redact = mask_text
 
 
 def log_text(job: ContainerJob, stream: str) -> str:
-    return redact(getattr(job, LOG_STREAMS[stream]) or "", job.environment)
+    return mask_text(getattr(job, LOG_STREAMS[stream]) or "", job.environment)
 
 
 def log_preview(job: ContainerJob, stream: str) -> tuple[str, bool]:

@@ -15,6 +15,7 @@ from celery.result import AsyncResult
 from django.db import transaction
 from django.utils import timezone
 
+from .masking import mask_data
 from .models import ContainerJob, ExecutorHost
 from .queue import queue_manager
 from .routing import message_options
@@ -27,9 +28,12 @@ DEFINITION_FIELDS = ContainerJob.DEFINITION_FIELDS
 
 
 def job_result(job: ContainerJob) -> dict[str, Any]:
-    """What a finished job's AsyncResult.get() returns."""
+    """What a finished job's AsyncResult.get() returns, the job's secrets masked.
+
+    It is stored in the result backend and sent in task events, both outside the app.
+    """
     duration = job.duration
-    return {
+    result = {
         "job_id": str(job.pk),
         "status": job.status,
         "exit_code": job.exit_code,
@@ -38,6 +42,8 @@ def job_result(job: ContainerJob) -> dict[str, Any]:
         "attempt": job.attempt,
         "duration_seconds": duration.total_seconds() if duration is not None else None,
     }
+    masked: dict[str, Any] = mask_data(result, job.environment)
+    return masked
 
 
 def enqueue(

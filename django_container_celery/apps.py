@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 from django.utils.translation import gettext_lazy as _
 
 
@@ -12,3 +13,8 @@ class ContainerCeleryConfig(AppConfig):
         # The Celery layer listens to the engine: results stored whoever ends a job, and
         # the watcher started in every worker. Both only connect signal receivers.
         from . import results, worker  # noqa: F401
+        from .installation import restore_after_flush
+
+        # flush (between transactional tests) empties the installation table and then sends
+        # post_migrate: put back the id that this process labels its containers with.
+        post_migrate.connect(restore_after_flush, sender=self, dispatch_uid="dcc-installation")

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from . import states
 from .conf import app_settings
-from .models import ContainerJob, ExecutorHost
+from .models import ContainerJob, ExecutorHost, database_now
 from .states import Status
 
 # Arbitrary constant naming the app's advisory lock ("dcc" in ASCII plus a version digit).
@@ -47,12 +47,13 @@ class HostLoad:
 
 
 def lease_deadline(now: datetime | None = None) -> datetime:
-    return (now or timezone.now()) + timedelta(seconds=app_settings.LEASE_SECONDS)
+    """When a lease taken or renewed now expires, by the database's clock."""
+    return (now or database_now()) + timedelta(seconds=app_settings.LEASE_SECONDS)
 
 
 def host_loads(include_inactive: bool = False) -> list[HostLoad]:
     """Capacity and current load (launching + running jobs) of the hosts, in one query."""
-    active = Q(assigned_jobs__status__in=states.ACTIVE)
+    active = Q(assigned_jobs__status__in=states.ACTIVE) | Q(assigned_jobs__stop_pending=True)
     hosts = ExecutorHost.objects.order_by("pk")
     if not include_inactive:
         hosts = hosts.filter(is_active=True)
@@ -100,7 +101,8 @@ class _ClaimSQL:
         ``target`` is a SQL expression for the id to claim; the capacity checks are part of
         the WHERE clause so the statement claims nothing when there is no room.
         """
-        active = self.statuses(states.ACTIVE)
+        # Slots are held by active jobs and by ended ones whose container still runs.
+        active = f"a.status IN ({self.statuses(states.ACTIVE)}) OR a.stop_pending"
         job, host = self.job, self.host
         # The host the attempt will run on: the pinned one, else the chosen default.
         run_host = f"COALESCE({job}.docker_host_id, %s)"
@@ -119,11 +121,11 @@ class _ClaimSQL:
                 execution_id = '',
                 updated_at = %s
             WHERE {job}.id = ({target})
-              AND (SELECT COUNT(*) FROM {job} a WHERE a.status IN ({active})) < %s
+              AND (SELECT COUNT(*) FROM {job} a WHERE {active}) < %s
               AND (
                 {run_host} IS NULL
                 OR (SELECT COUNT(*) FROM {job} a
-                    WHERE a.status IN ({active}) AND a.assigned_host_id = {run_host})
+                    WHERE ({active}) AND a.assigned_host_id = {run_host})
                    < (SELECT h.max_concurrent_jobs FROM {host} h
                       WHERE h.id = {run_host} AND h.is_active)
               )
@@ -163,6 +165,7 @@ class _ClaimSQL:
             SELECT r.id FROM {self.job} r
             WHERE r.status IN ({waiting})
               AND r.claimed_by = ''
+              AND NOT r.stop_pending
               AND (r.scheduled_for IS NULL OR r.scheduled_for <= %s)
         """
         params: list[Any] = [_db_time(now)]
@@ -229,7 +232,7 @@ def _claim(
 ) -> ContainerJob | None:
     """Run one claim: serialize, place, then the UPDATE of the row ``choose`` selects."""
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
-    now = timezone.now()
+    now = database_now()
     with transaction.atomic():
         _serialize_claims()
         free_hosts, default_host = _placement()
@@ -284,7 +287,7 @@ def claim_job(
             return builder.ready_ids(
                 now=now, free_hosts=free, default_host=default, only_id=_db_id(job_id)
             )
-        slots = limit - ContainerJob.objects.active().count()
+        slots = limit - ContainerJob.objects.holding_slots().count()
         if slots <= 0:
             return None
         ranked, params = builder.ready_ids(
@@ -305,7 +308,7 @@ def eligible_ready_ids(limit: int) -> list[Any]:
         return []
     free_hosts, default_host = _placement()
     sql, params = _ClaimSQL().ready_ids(
-        now=timezone.now(),
+        now=database_now(),
         free_hosts=free_hosts,
         default_host=default_host,
         limit=limit,
@@ -324,7 +327,7 @@ def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:
     Expiry is judged by the database's clock, so a worker whose clock runs fast cannot
     take over a lease that is still alive.
     """
-    now = timezone.now()
+    now = database_now()
     updated = ContainerJob.objects.filter(
         pk=job_id, status__in=states.ACTIVE, lease_expires_at__lt=Now()
     ).update(claimed_by=worker_id, claimed_at=now, lease_expires_at=lease_deadline(now))

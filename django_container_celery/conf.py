@@ -17,6 +17,13 @@ DEFAULTS: dict[str, Any] = {
     # running job's lease is renewed by the watcher leading its host at every reconcile
     # pass. After it expires (by the database's clock) the job may be taken over.
     "LEASE_SECONDS": 60,
+    # A launch (image pull, create, start) keeps its lease alive for at most this many
+    # seconds. After that its launcher stops renewing: the lease expires, a watcher takes
+    # the launch over and continues the same attempt (same container name).
+    "LAUNCH_TIMEOUT": 900,
+    # A job whose finishing fails this many times in a row (the database refuses the row,
+    # the daemon keeps erroring) ends failed with the reason instead of staying running.
+    "FINISH_TRIES": 5,
     # Seconds between beat's runs of dispatch_ready_jobs (and rescue_stale_jobs).
     "DISPATCH_INTERVAL": 5,
     # A due, unclaimed, queued job whose last Celery message is older than this is sent

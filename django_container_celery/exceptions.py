@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class InvalidTransition(ValueError):
     """A status change that the transition table forbids."""
@@ -23,6 +25,23 @@ class TransitionConflict(InvalidTransition):
     """
 
 
+class OwnedFieldError(ValueError):
+    """A ``save()`` would write fields the engine owns while a worker holds the job.
+
+    Nothing was written. ``fields`` names them; the queue manager (cancel, dequeue, retry)
+    changes a held job instead.
+    """
+
+    def __init__(self, fields: Sequence[str], job_id: object, holder: str) -> None:
+        self.fields = tuple(fields)
+        self.job_id = job_id
+        super().__init__(
+            f"Cannot save {', '.join(self.fields)} of job {job_id}: {holder}, and these "
+            "fields are written by the queue and its workers; change the job through the "
+            "queue manager (cancel, dequeue, retry) instead"
+        )
+
+
 class ExecutorError(Exception):
     """A container operation failed; ``original`` is the underlying exception, if any."""
 
@@ -32,4 +51,8 @@ class ExecutorError(Exception):
 
 
 class ContainerJobFailed(Exception):
-    """Raised by a task result's ``get()`` when the job ended failed or cancelled."""
+    """Raised by a task result's ``get()`` when the job ended failed or cancelled.
+
+    Its message names the job, its status and its last error, with the values of the job's
+    secret environment variables masked: it travels through the result backend.
+    """

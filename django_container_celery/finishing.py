@@ -1,4 +1,11 @@
-"""Where a job is finished: exit code and logs stored, final status decided.
+"""Where an attempt ends: the one function, :func:`end_attempt`, that records how it ended
+and decides the job's next status.
+
+Every path that sees an attempt end describes it as an :class:`~.outcomes.Ending` (an
+exit, a timeout, a vanished container, a failed launch, a cancel, a job that cannot be
+finished) and calls :func:`end_attempt`; the retry decision is
+``retry.get_retry_decision``. The write is conditional on the claim (owner and attempt),
+so a process whose claim moved on records nothing.
 
 The database row is written first and the container removed second: a worker that dies
 in between leaves an exited container (found later by cleanup), never a job that a rescue
@@ -11,14 +18,94 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from django.utils import timezone
+
+from . import states
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import Executor
+from .masking import mask_text, masked_exception
 from .models import ContainerJob
-from .retry import is_retryable_exit_code
+from .outcomes import End, Ending
+from .retry import get_retry_decision, launch_error_type
 from .signals import attempt_ended
+from .states import Status
 
 logger = logging.getLogger(__name__)
+
+Remover = Callable[[Executor, str], None]
+
+
+def end_attempt(
+    job: ContainerJob,
+    ending: Ending,
+    *,
+    executor: Executor | None = None,
+    remove: Remover | None = None,
+    as_claimant: bool = True,
+    **fields: Any,
+) -> bool:
+    """Record the end of the job's current attempt; False if the claim moved on.
+
+    With an ``executor``, an exited or killed container's logs are stored and, unless
+    ``KEEP_CONTAINERS``, the container is removed afterwards (``remove`` replaces the
+    inline removal: the watcher queues it, so a slow removal never delays the next exit).
+    """
+    if executor is not None and ending.kind in (End.EXITED, End.TIMED_OUT):
+        fields["stdout_log"], fields["stderr_log"] = _read_logs(executor, job.container_name)
+    if ending.kind in (End.EXITED, End.TIMED_OUT):
+        fields.setdefault("exit_code", ending.exit_code)
+    try:
+        _record(job, ending, as_claimant, fields)
+    except TransitionConflict:
+        logger.info("job %s: attempt %s not ended here, its claim moved on", job.pk, job.attempt)
+        return False
+    announce(job)
+    exited = ending.kind in (End.EXITED, End.TIMED_OUT)
+    if executor is not None and exited and not app_settings.KEEP_CONTAINERS:
+        (remove or remove_container)(executor, job.container_name)
+    return True
+
+
+def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[str, Any]) -> None:
+    if ending.kind is End.EXITED and ending.exit_code == 0 and not ending.error:
+        job.mark_as_completed(as_claimant=as_claimant, **fields)
+        return
+    if ending.kind is End.CANCELLED:
+        job.transition_to(Status.CANCELLED, as_claimant=as_claimant, **_cancel_fields(fields))
+        return
+    decision = get_retry_decision(job, ending)
+    message = describe(job, ending)
+    if decision.reason:
+        message += f" ({decision.reason})"
+    if decision.retry:
+        job.mark_as_retrying(decision.delay, error=message, as_claimant=as_claimant, **fields)
+    else:
+        job.mark_as_failed(error=message, as_claimant=as_claimant, **fields)
+
+
+def _cancel_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "completed_at": timezone.now(),
+        "claimed_by": "",
+        "lease_expires_at": None,
+        **fields,
+    }
+
+
+def describe(job: ContainerJob, ending: Ending) -> str:
+    """The ``last_error`` text of an ending."""
+    if ending.kind is End.TIMED_OUT:
+        return ending.error or f"timed out after {job.timeout_seconds} seconds; container killed"
+    if ending.kind is End.EXITED:
+        return ending.error or f"container exited with code {ending.exit_code}"
+    if ending.kind is End.VANISHED:
+        return ending.error or "container vanished while the job was running"
+    if ending.kind is End.LAUNCH_FAILED:
+        return f"launch failed ({launch_error_type(ending).value}): {ending.error}"
+    if ending.kind is End.UNFINISHABLE:
+        return f"could not be finished after {app_settings.FINISH_TRIES} tries: {ending.error}"
+    return ending.error or "cancelled"
 
 
 def finish(
@@ -28,40 +115,34 @@ def finish(
     *,
     error: str = "",
     timed_out: bool = False,
-    remove: Callable[[Executor, str], None] | None = None,
+    remove: Remover | None = None,
 ) -> bool:
-    """Record the end of the job's current attempt; False if our claim was lost.
+    """End the attempt of a container that exited (or was killed past its timeout)."""
+    kind = End.TIMED_OUT if timed_out else End.EXITED
+    ending = Ending(kind, exit_code=exit_code, error=error)
+    return end_attempt(job, ending, executor=executor, remove=remove)
 
-    Exit 0 completes the job. A timeout fails it for good. An exit code listed in
-    ``retry_exit_codes`` retries it within ``max_retries``. Anything else fails it.
-    ``remove`` replaces the inline container removal (the watcher defers it, so that the
-    next job's exit is not recorded late behind a slow removal).
+
+def give_up(job: ContainerJob, error: str) -> bool:
+    """Fail a job whose finishing keeps failing, without its logs (which may be the cause).
+
+    Whoever holds the claim now could not finish it either, so the write is conditional
+    on the attempt and status read here, not on the claim the caller once read.
     """
-    stdout, stderr = _read_logs(executor, job.container_name)
-    fields: dict[str, Any] = {"exit_code": exit_code, "stdout_log": stdout, "stderr_log": stderr}
+    ending = Ending(End.UNFINISHABLE, error=error)
+    attempt = job.attempt
     try:
-        if timed_out:
-            job.mark_as_failed(
-                should_retry=False,
-                error=error or f"timed out after {job.timeout_seconds} seconds; container killed",
-                as_claimant=True,
-                **fields,
-            )
-        elif exit_code == 0 and not error:
-            job.mark_as_completed(as_claimant=True, **fields)
-        else:
-            retryable = is_retryable_exit_code(exit_code, job.retry_exit_codes or [])
-            message = error or f"container exited with code {exit_code}"
-            if retryable:
-                message += " (listed in retry_exit_codes)"
-            job.mark_as_failed(should_retry=retryable, error=message, as_claimant=True, **fields)
-    except TransitionConflict:
-        logger.info("job %s: not finished here, its claim moved on", job.pk)
+        job.refresh_from_db(fields=["status", "claimed_by", "attempt"])
+        if job.attempt != attempt or job.status not in states.ACTIVE:
+            return False
+        return end_attempt(job, ending)
+    except Exception as exc:
+        logger.error(
+            "job %s: could not even be failed; trying again later",
+            job.pk,
+            exc_info=masked_exception(exc, job.environment),
+        )
         return False
-    announce(job)
-    if not app_settings.KEEP_CONTAINERS:
-        (remove or remove_container)(executor, job.container_name)
-    return True
 
 
 def announce(job: ContainerJob) -> None:
@@ -75,8 +156,8 @@ def announce(job: ContainerJob) -> None:
                 "job %s: %r failed on attempt_ended: %s",
                 job.pk,
                 receiver,
-                outcome,
-                exc_info=outcome,
+                mask_text(str(outcome), job.environment),
+                exc_info=masked_exception(outcome, job.environment),
             )
 
 

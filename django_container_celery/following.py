@@ -4,6 +4,10 @@ timeout, retried when its container vanished, or adopted after its worker died.
 The watcher (``watching.py``) calls :func:`check` for every job an event or its reconcile
 pass points at; a job taken over after its worker died goes through :func:`adopt` first,
 which finds the attempt's container by its deterministic name.
+
+Docker side effects are fenced like database writes: before stopping or removing a
+container, the claim is confirmed (and its lease renewed) by a conditional UPDATE, so a
+process whose claim moved on never touches a container someone else now owns.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from django.utils import timezone
-
+from .claims import renew_lease
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import ContainerState, Executor
-from .finishing import announce, finish, remove_container
+from .finishing import end_attempt, finish, remove_container
 from .launching import launch_claimed
-from .models import ContainerJob
+from .models import ContainerJob, database_now
+from .outcomes import End, Ending
 from .states import Status
 
 logger = logging.getLogger(__name__)
@@ -33,21 +37,28 @@ class Progress(enum.Enum):
     LOST = "lost"  # no longer ours: cancelled, taken over, or changed elsewhere
 
 
-def deadline_of(job: ContainerJob) -> float:
-    """Seconds left before the job's timeout (negative when past it)."""
-    started = job.started_at or timezone.now()
+def deadline_of(job: ContainerJob, now: datetime | None = None) -> float:
+    """Seconds left before the job's timeout (negative when past it), by the database's
+    clock: ``started_at`` is written with it too."""
+    now = now or database_now()
+    started = job.started_at or now
     end = started + timedelta(seconds=job.timeout_seconds)
-    return (end - timezone.now()).total_seconds()
+    return (end - now).total_seconds()
 
 
-def check(job: ContainerJob, executor: Executor, remove: Remover | None = None) -> Progress:
+def check(
+    job: ContainerJob,
+    executor: Executor,
+    remove: Remover | None = None,
+    now: datetime | None = None,
+) -> Progress:
     """One look at a running job: finish it if its container exited or it timed out."""
     try:
         state = executor.inspect(job.container_name)
     except ExecutorError:
         logger.warning("job %s: cannot inspect its container now", job.pk, exc_info=True)
         return Progress.RUNNING
-    return _act_on(job, executor, state, remove)
+    return _act_on(job, executor, state, remove, now)
 
 
 def _act_on(
@@ -55,16 +66,19 @@ def _act_on(
     executor: Executor,
     state: ContainerState | None,
     remove: Remover | None = None,
+    now: datetime | None = None,
 ) -> Progress:
     if state is None:
         return _vanished(job)
     if not state.running and state.exit_code is None:
-        # Created but never started (its worker died between the two calls): retry.
+        # Created but never started, yet the row says running: retry the job.
+        if not renew_lease(job):
+            return Progress.LOST
         remove_container(executor, job.container_name)
         return _vanished(job, state.error or "container was created but never started")
     if not state.running:
         return _finished(finish(job, executor, state.exit_code, remove=remove))
-    if deadline_of(job) <= 0:
+    if deadline_of(job, now) <= 0:
         return kill_for_timeout(job, executor, remove)
     return Progress.RUNNING
 
@@ -72,26 +86,39 @@ def _act_on(
 def kill_for_timeout(
     job: ContainerJob, executor: Executor, remove: Remover | None = None
 ) -> Progress:
+    """Kill a job past its timeout. Until the kill succeeds the job stays running (and
+    keeps its slot): the next pass tries again, so a slot is never freed while its
+    container may still run."""
+    if not renew_lease(job):
+        return Progress.LOST
     try:
         executor.stop(job.container_name, timeout=0)
     except ExecutorError:
-        logger.warning("job %s: could not kill its container", job.pk, exc_info=True)
-    code = _exit_code(executor, job.container_name)
+        logger.warning("job %s: could not kill its container; will try again", job.pk)
+        return Progress.RUNNING
+    state = _inspect_or_unknown(executor, job.container_name)
+    if state is not None and state.running:
+        return Progress.RUNNING
+    code = state.exit_code if state is not None else None
     return _finished(finish(job, executor, code, timed_out=True, remove=remove))
 
 
 def adopt(job: ContainerJob, executor: Executor) -> Progress:
-    """Continue a job taken over from a dead worker, by its attempt's container."""
+    """Continue a job taken over from a dead (or too slow) owner, by its attempt's
+    container.
+
+    A launch taken over keeps its attempt number and so its container name: if the first
+    launcher is still creating that container, the daemon refuses one of the two, and a
+    container created but never started is replaced (see ``DockerExecutor.start``), so
+    the attempt never runs twice.
+    """
     try:
         state = executor.inspect(job.container_name) if job.attempt else None
     except ExecutorError:
         logger.warning("job %s: cannot inspect; will try again later", job.pk, exc_info=True)
         return Progress.LOST
     if job.status == Status.LAUNCHING:
-        if state is None:
-            # The dead worker never started this attempt: start the next one ourselves.
-            if not job.update_as_claimant(attempt=job.attempt + 1):
-                return Progress.LOST
+        if state is None or (not state.running and state.exit_code is None):
             outcome = launch_claimed(job, executor)
             return Progress.RUNNING if outcome.success else Progress.FINISHED
         try:
@@ -104,21 +131,11 @@ def adopt(job: ContainerJob, executor: Executor) -> Progress:
 def _vanished(
     job: ContainerJob, error: str = "container vanished while the job was running"
 ) -> Progress:
-    try:
-        job.mark_as_failed(should_retry=True, error=error, as_claimant=True)
-    except TransitionConflict:
-        return Progress.LOST
-    announce(job)
-    return Progress.FINISHED
+    return _finished(end_attempt(job, Ending(End.VANISHED, error=error)))
 
 
 def _finished(recorded: bool) -> Progress:
     return Progress.FINISHED if recorded else Progress.LOST
-
-
-def _exit_code(executor: Executor, name: str) -> int | None:
-    state = _inspect_or_unknown(executor, name)
-    return state.exit_code if state is not None else None
 
 
 def _inspect_or_unknown(executor: Executor, name: str) -> ContainerState | None:

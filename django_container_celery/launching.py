@@ -1,10 +1,11 @@
 """Where a claimed job's container is started.
 
 The caller holds the claim (the job is ``launching``). Success moves the job to
-``running``; a failure is classified and the job either waits out a back-off in
-``retrying`` or ends ``failed``. Every write is conditional on the claim, so a worker whose
-claim was taken over while it was starting a container removes that container instead of
-recording it.
+``running``; a failure ends the attempt through ``finishing.end_attempt``. Every write is
+conditional on the claim. A launch renews its lease while the daemon works (image pulls
+included) for at most ``LAUNCH_TIMEOUT`` seconds; past that its lease runs out and a
+watcher continues the same attempt under the same container name, so the daemon itself
+refuses a second container.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,12 +22,23 @@ from django.db import connection
 from django.utils import timezone
 
 from . import states
+from .claims import renew_lease
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
-from .executors.base import ATTEMPT_LABEL, JOB_LABEL, ContainerExists, ContainerSpec, Executor
-from .finishing import announce
+from .executors.base import (
+    ATTEMPT_LABEL,
+    INSTALLATION_LABEL,
+    JOB_LABEL,
+    ContainerExists,
+    ContainerSpec,
+    Executor,
+    StartFailed,
+)
+from .finishing import announce, end_attempt
+from .installation import installation_id
+from .masking import mask_text
 from .models import ContainerJob
-from .retry import ErrorClassifier, ErrorType
+from .outcomes import End, Ending
 from .states import Status
 from .validators import bind_mount_allowed, parse_bind_mount
 
@@ -69,7 +82,11 @@ def build_spec(job: ContainerJob) -> ContainerSpec:
         image=job.docker_image,
         command=job.command_args or None,
         environment={str(k): str(v) for k, v in (job.environment or {}).items()},
-        labels={JOB_LABEL: str(job.pk), ATTEMPT_LABEL: str(job.attempt)},
+        labels={
+            JOB_LABEL: str(job.pk),
+            ATTEMPT_LABEL: str(job.attempt),
+            INSTALLATION_LABEL: installation_id(),
+        },
         working_dir=job.working_directory or None,
         memory_mb=job.memory_limit,
         cpus=job.cpu_limit,
@@ -99,6 +116,11 @@ def launch_claimed(
         # This attempt's container was started before (a redelivered message, or a
         # rescue): follow that one rather than start another.
         container_id, adopted = exists.container_id, True
+    except StartFailed as exc:
+        # Ours to remove only while the claim holds: a new owner may have started it.
+        if renew_lease(job):
+            _discard(executor, exc.name)
+        return record_launch_failure(job, exc)
     except Exception as exc:
         return record_launch_failure(job, exc)
     if on_started is not None:
@@ -132,15 +154,22 @@ def _claim_lost(job: ContainerJob, executor: Executor) -> LaunchOutcome:
 @contextlib.contextmanager
 def keep_leased(job: ContainerJob) -> Iterator[None]:
     """Renew the launch's lease while the container is being started (image pulls can take
-    longer than a lease), so that no watcher takes over a launch that is alive."""
-    from .claims import renew_lease
-
+    longer than a lease), so that no watcher takes over a launch that is alive; for at
+    most ``LAUNCH_TIMEOUT`` seconds, after which the launch is left to be taken over."""
     stop = threading.Event()
     every = max(1.0, app_settings.LEASE_SECONDS / 3)
+    give_up_at = time.monotonic() + float(app_settings.LAUNCH_TIMEOUT)
 
     def renew() -> None:
         try:
             while not stop.wait(every):
+                if time.monotonic() >= give_up_at:
+                    logger.warning(
+                        "job %s: launch still running after LAUNCH_TIMEOUT; its lease is "
+                        "left to expire so that a watcher continues the attempt",
+                        job.pk,
+                    )
+                    return
                 if not renew_lease(job):
                     return  # the claim moved on; the launch will find out
         finally:
@@ -156,19 +185,16 @@ def keep_leased(job: ContainerJob) -> Iterator[None]:
 
 
 def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcome:
-    """Move a job whose launch failed to retrying (transient) or failed (permanent)."""
-    error_type = (
-        ErrorType.PERMANENT
-        if isinstance(exc, LaunchRefused)
-        else ErrorClassifier.classify_error(exc)
+    """End an attempt whose launch failed: retried when transient, failed when permanent."""
+    ending = Ending(
+        End.LAUNCH_FAILED,
+        error=_describe(exc),
+        exception=exc,
+        refused=isinstance(exc, LaunchRefused),
     )
-    message = f"launch failed ({error_type.value}): {_describe(exc)}"
-    retry = error_type != ErrorType.PERMANENT
-    try:
-        job.mark_as_failed(should_retry=retry, error=message, as_claimant=True)
-    except TransitionConflict:
-        return LaunchOutcome(False, message)
-    announce(job)
+    if not end_attempt(job, ending):
+        return LaunchOutcome(False, mask_text(ending.error, job.environment))
+    message = mask_text(job.last_error, job.environment)
     logger.info("job %s: %s -> %s", job.pk, message, job.status)
     if job.status == Status.RETRYING and job.scheduled_for is not None:
         delay = (job.scheduled_for - timezone.now()).total_seconds()

@@ -7,21 +7,24 @@ writes with one conditional UPDATE, so two processes racing on a job cannot both
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import django
 from django.conf import settings
+from django.core.exceptions import FieldDoesNotExist
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import models, transaction
+from django.db import models, router, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from . import states, validators
-from .exceptions import InvalidTransition, TransitionConflict
+from .exceptions import InvalidTransition, OwnedFieldError, TransitionConflict
 from .states import Status
 
 if TYPE_CHECKING:
@@ -30,6 +33,23 @@ if TYPE_CHECKING:
 PRIORITY_HIGH = 80
 PRIORITY_NORMAL = 50
 PRIORITY_LOW = 20
+
+
+def database_now() -> datetime:
+    """The database server's current time.
+
+    Leases, deadlines and retry times decide who owns a job, so they are computed from one
+    clock shared by every worker: a worker whose own clock runs fast must not take over a
+    live lease or kill a job early. SQLite runs on the worker's own machine: its clock.
+    """
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT STATEMENT_TIMESTAMP()")
+        value = cursor.fetchone()[0]
+    return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
 
 
 def check_constraint(condition: Q, name: str) -> models.CheckConstraint:
@@ -84,7 +104,9 @@ class ExecutorHost(models.Model):
         return self.name
 
     def active_job_count(self) -> int:
-        return ContainerJob.objects.filter(assigned_host=self, status__in=states.ACTIVE).count()
+        """Slots in use: jobs launching or running, and ended jobs whose container could not
+        be stopped yet."""
+        return ContainerJob.objects.holding_slots().filter(assigned_host=self).count()
 
 
 class Installation(models.Model):
@@ -121,6 +143,11 @@ class ContainerJobQuerySet(models.QuerySet["ContainerJob"]):
     def active(self) -> ContainerJobQuerySet:
         return self.filter(status__in=states.ACTIVE)
 
+    def holding_slots(self) -> ContainerJobQuerySet:
+        """Jobs counted against capacity: active ones, and ended ones whose container may
+        still run because stopping it failed (``stop_pending``)."""
+        return self.filter(Q(status__in=states.ACTIVE) | Q(stop_pending=True))
+
     def create_job(self, **fields: Any) -> ContainerJob:
         """Validate every field, then save: bad input raises ValidationError, saves nothing."""
         job = self.model(**fields)
@@ -134,7 +161,24 @@ _WAITING_Q = Q(status__in=sorted(states.WAITING))
 
 
 class ContainerJob(models.Model):
-    """One container to run: its definition, its place in the queue and its execution."""
+    """One container to run: its definition, its place in the queue and its execution.
+
+    A person writes the definition (``DEFINITION_FIELDS``); every other field but the
+    record ones (``RECORD_FIELDS``, ``created_at``) belongs to the engine
+    (:meth:`engine_fields`): status, queue, claim and execution state, which the queue and
+    its workers write with conditional UPDATEs. :meth:`save` of an existing row therefore
+    writes the definition and never puts back engine state an instance read earlier:
+
+    * without ``update_fields`` it writes the definition and record fields, and an engine
+      field only if this instance changed it since it read the row; afterwards the engine
+      fields are reloaded from the row, so the instance shows what the row holds;
+    * an engine field it would write (changed, or named in ``update_fields``) raises
+      :class:`OwnedFieldError` while a worker holds the job (``claimed_by`` set, or
+      ``launching``/``running``), and nothing is written;
+    * a ``status`` change must be an edge of the transition table from the row's status
+      (:class:`InvalidTransition`), and is refused with :class:`TransitionConflict` while a
+      worker's claim is on the row or when the row moved since this instance read it.
+    """
 
     Status = Status
     VALID_TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = states.VALID_TRANSITIONS
@@ -156,6 +200,11 @@ class ContainerJob(models.Model):
         "retry_strategy",
         "retry_exit_codes",
     )
+    # Written by a plain save() besides the definition: neither the engine's nor defined.
+    RECORD_FIELDS: ClassVar[tuple[str, ...]] = ("created_by", "updated_at")
+    # Engine fields as this instance last read or wrote them (attname -> value): what
+    # save() compares with to tell a change made on the instance from stale state.
+    _engine_as_read: dict[str, Any]
 
     class RetryStrategyName(models.TextChoices):
         DEFAULT = "default", _("Default")
@@ -315,29 +364,123 @@ class ContainerJob(models.Model):
 
     # -- persistence ----------------------------------------------------------------------
 
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        """Save, refusing a status change that the transition table forbids.
+    def save(
+        self,
+        *,
+        force_insert: bool | tuple[Any, ...] = False,
+        force_update: bool = False,
+        using: str | None = None,
+        update_fields: Iterable[str] | None = None,
+    ) -> None:
+        """Insert a new job whole; on an existing one, never overwrite the engine's state.
 
-        The old status is read from the database under a row lock, not from this
-        instance, so a stale instance cannot move a job along a forbidden edge.
+        What is written and refused is described in the class docstring. The checks read
+        the row under a row lock, so no worker can claim the job between them and the write.
         """
-        update_fields = kwargs.get("update_fields")
-        checks_status = update_fields is None or "status" in update_fields
-        if self._state.adding or not checks_status:
-            super().save(*args, **kwargs)
+        options: dict[str, Any] = {"force_insert": force_insert, "force_update": force_update}
+        if self._state.adding or force_insert:
+            super().save(using=using, update_fields=update_fields, **options)
+            self._remember_engine_state()
             return
-        with transaction.atomic(using=kwargs.get("using")):
-            current = (
-                type(self)
-                .objects.select_for_update()
-                .filter(pk=self.pk)
-                .values_list("status", flat=True)
-                .first()
-            )
-            moved = current is not None and current != self.status
-            if moved and not states.can_transition(str(current), self.status):
-                raise InvalidTransition(str(current), self.status, self.pk)
-            super().save(*args, **kwargs)
+        db = using or router.db_for_write(type(self), instance=self)
+        with transaction.atomic(using=db):
+            row = self._locked_engine_row(db)
+            if row is None:  # deleted meanwhile: Django's own save inserts it again
+                super().save(using=db, update_fields=update_fields, **options)
+                self._remember_engine_state()
+                return
+            fields = self._fields_to_write(row, update_fields)
+            super().save(using=db, update_fields=fields, **options)
+        if update_fields is None:
+            self._take_engine_state(row, written=fields)
+        self._remember_engine_state(None if update_fields is None else fields)
+
+    @classmethod
+    def engine_fields(cls) -> tuple[str, ...]:
+        """The fields the queue and its workers own: status, queue, claim and execution."""
+        return tuple(_engine_attnames(cls))
+
+    @classmethod
+    def from_db(cls, *args: Any, **kwargs: Any) -> Self:
+        instance = super().from_db(*args, **kwargs)
+        instance._remember_engine_state()
+        return instance
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        fields = kwargs.get("fields", args[1] if len(args) > 1 else None)
+        self._remember_engine_state(fields)
+
+    def _locked_engine_row(self, db: str) -> dict[str, Any] | None:
+        attnames = _engine_attnames(type(self)).values()
+        rows = type(self)._default_manager.db_manager(db).select_for_update()
+        return rows.filter(pk=self.pk).values(*attnames).first()
+
+    def _fields_to_write(
+        self, row: dict[str, Any], update_fields: Iterable[str] | None
+    ) -> list[str]:
+        """The fields to write, after refusing engine fields a worker owns right now."""
+        engine = _engine_attnames(type(self))
+        if update_fields is None:
+            named = self._changed_engine_fields(row)
+            fields = [*self._definition_and_record_fields(), *named]
+        else:
+            fields = [_field_name(type(self), name) for name in update_fields]
+            named = [name for name in fields if name in engine]
+        if "status" in named and self.status != row["status"]:
+            self._check_status_move(row)
+        owned = [name for name in named if name != "status"]
+        if owned and _held_by_worker(row):
+            raise OwnedFieldError(owned, self.pk, _holder(row))
+        return fields
+
+    def _definition_and_record_fields(self) -> list[str]:
+        # A field left deferred was never read: writing it would load it just to write it.
+        deferred = self.get_deferred_fields()
+        attnames = _attnames(type(self))
+        names = [*self.DEFINITION_FIELDS, *self.RECORD_FIELDS]
+        return [name for name in names if name == "updated_at" or attnames[name] not in deferred]
+
+    def _changed_engine_fields(self, row: dict[str, Any]) -> list[str]:
+        """Engine fields this instance changed since it read them, to a value the row does
+        not already hold. An instance that never read them (no record) changed none."""
+        as_read = getattr(self, "_engine_as_read", {})
+        changed = []
+        for name, attname in _engine_attnames(type(self)).items():
+            if attname not in self.__dict__ or attname not in as_read:
+                continue
+            value = self.__dict__[attname]
+            if value != as_read[attname] and value != row[attname]:
+                changed.append(name)
+        return changed
+
+    def _check_status_move(self, row: dict[str, Any]) -> None:
+        current, new = str(row["status"]), self.status
+        if not states.can_transition(current, new):
+            raise InvalidTransition(current, new, self.pk)
+        if row["claimed_by"]:
+            reason = f"{_holder(row)}; its status changes through the queue manager"
+            raise TransitionConflict(current, new, self.pk, reason)
+        read = getattr(self, "_engine_as_read", {}).get("status", current)
+        if read != current:
+            reason = f"the row moved from '{read}' since this instance read it"
+            raise TransitionConflict(current, new, self.pk, reason)
+
+    def _take_engine_state(self, row: dict[str, Any], written: Iterable[str]) -> None:
+        """Show the row's engine state on this instance, except the fields just written."""
+        skip = set(written)
+        for name, attname in _engine_attnames(type(self)).items():
+            if name not in skip:
+                setattr(self, attname, row[attname])
+
+    def _remember_engine_state(self, names: Iterable[str] | None = None) -> None:
+        """Record the engine fields (all, or ``names``) as now read from or written to the
+        row."""
+        engine = _engine_attnames(type(self))
+        chosen = engine.values() if names is None else [engine[n] for n in names if n in engine]
+        loaded = {attname: self.__dict__[attname] for attname in chosen if attname in self.__dict__}
+        # A new dict each time: a copy.copy() of the instance must not share its record.
+        self._engine_as_read = {**getattr(self, "_engine_as_read", {}), **loaded}
 
     # -- properties ------------------------------------------------------------------
 
@@ -430,6 +573,8 @@ class ContainerJob(models.Model):
         self.status = status
         for name, value in fields.items():
             setattr(self, name, value)
+        if save:
+            self._remember_engine_state(["status", *fields])
 
     def update_as_claimant(self, **fields: Any) -> bool:
         """Write ``fields`` only while this instance's claim (owner, attempt) still holds."""
@@ -443,6 +588,7 @@ class ContainerJob(models.Model):
         if matched:
             for name, value in fields.items():
                 setattr(self, name, value)
+            self._remember_engine_state(fields)
         return bool(matched)
 
     def mark_as_queued(self, scheduled_for: datetime | None = None, **fields: Any) -> None:
@@ -451,7 +597,7 @@ class ContainerJob(models.Model):
         )
 
     def mark_as_running(self, *, as_claimant: bool = False, **fields: Any) -> None:
-        now = timezone.now()
+        now = database_now()  # the timeout is measured from here, by the database's clock
         self.transition_to(
             Status.RUNNING,
             as_claimant=as_claimant,
@@ -474,35 +620,40 @@ class ContainerJob(models.Model):
         as_claimant: bool = False,
         **fields: Any,
     ) -> None:
-        """Fail the job, or schedule its next attempt when asked and the budget allows.
+        """Fail the job, or with ``should_retry`` retry it if its ``max_retries`` allows.
 
-        Returns with the job ``retrying`` (``scheduled_for`` after the strategy's
-        back-off) or ``failed``; the job's own ``max_retries`` bounds ``retry_count``.
+        The engine does not call this with ``should_retry``: ``finishing.end_attempt``
+        asks ``retry.get_retry_decision`` and calls :meth:`mark_as_retrying` itself.
         """
-        now = timezone.now()
-        error_fields: dict[str, Any] = {}
-        if error:
-            error_fields = {"last_error": error, "last_error_at": now}
-        if should_retry and self.retry_count < self.max_retries:
-            from .retry import get_strategy
+        if should_retry:
+            from .retry import within_budget
 
-            retry_count = self.retry_count + 1
-            delay = get_strategy(self.retry_strategy).get_retry_delay(retry_count)
-            self.transition_to(
-                Status.RETRYING,
-                as_claimant=as_claimant,
-                retry_count=retry_count,
-                scheduled_for=now + timedelta(seconds=delay),
-                # The message that ran this attempt is used up: dispatch sends the next.
-                **{**error_fields, **_CLEARED_CLAIM, "dispatched_at": None, **fields},
-            )
-        else:
-            self.transition_to(
-                Status.FAILED,
-                as_claimant=as_claimant,
-                completed_at=now,
-                **{**error_fields, **_CLEARED_CLAIM, **fields},
-            )
+            decision = within_budget(self)
+            if decision.retry:
+                self.mark_as_retrying(
+                    decision.delay, error=error, as_claimant=as_claimant, **fields
+                )
+                return
+        error_fields = _error_fields(error)
+        self.transition_to(
+            Status.FAILED,
+            as_claimant=as_claimant,
+            completed_at=timezone.now(),
+            **{**error_fields, **_CLEARED_CLAIM, **fields},
+        )
+
+    def mark_as_retrying(
+        self, delay: float, error: str = "", *, as_claimant: bool = False, **fields: Any
+    ) -> None:
+        """Schedule the next attempt ``delay`` seconds from now (one more retry counted)."""
+        self.transition_to(
+            Status.RETRYING,
+            as_claimant=as_claimant,
+            retry_count=self.retry_count + 1,
+            scheduled_for=database_now() + timedelta(seconds=delay),
+            # The message that ran this attempt is used up: dispatch sends the next.
+            **{**_error_fields(error), **_CLEARED_CLAIM, "dispatched_at": None, **fields},
+        )
 
     # -- Celery-style API ---------------------------------------------------------------
 
@@ -545,6 +696,49 @@ class ContainerJob(models.Model):
 
 
 _CLEARED_CLAIM: dict[str, Any] = {"claimed_by": "", "claimed_at": None, "lease_expires_at": None}
+
+
+def _error_fields(error: str) -> dict[str, Any]:
+    return {"last_error": error, "last_error_at": timezone.now()} if error else {}
+
+
+# -- what save() may write ------------------------------------------------------------------
+
+# Never written by save() after the insert: the key, and when the job was created.
+_FIXED_FIELDS = frozenset({"id", "created_at"})
+
+
+@functools.cache
+def _attnames(model: type[ContainerJob]) -> dict[str, str]:
+    """Field name -> attname (``assigned_host`` -> ``assigned_host_id``) of every column."""
+    return {field.name: field.attname for field in model._meta.concrete_fields}
+
+
+@functools.cache
+def _engine_attnames(model: type[ContainerJob]) -> dict[str, str]:
+    """The engine's fields: every column that is neither the definition, a record field
+    nor fixed. So a field added later is the engine's, never overwritten by a stale
+    instance, until it is listed as definition."""
+    kept = {*model.DEFINITION_FIELDS, *model.RECORD_FIELDS, *_FIXED_FIELDS}
+    return {name: attname for name, attname in _attnames(model).items() if name not in kept}
+
+
+def _field_name(model: type[ContainerJob], name: str) -> str:
+    # update_fields may name a foreign key by its attname (assigned_host_id).
+    try:
+        return model._meta.get_field(name).name
+    except FieldDoesNotExist:
+        return name  # Django's save reports the unknown field
+
+
+def _held_by_worker(row: dict[str, Any]) -> bool:
+    return bool(row["claimed_by"]) or row["status"] in states.ACTIVE
+
+
+def _holder(row: dict[str, Any]) -> str:
+    if row["claimed_by"]:
+        return f"worker '{row['claimed_by']}' holds the job"
+    return f"the job is {row['status']}"
 
 
 def container_name(job_id: object, attempt: int) -> str:

@@ -5,6 +5,7 @@ are two thin drivers of it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -18,12 +19,15 @@ from django.utils import timezone
 
 from . import claims, following, states, watching
 from .conf import app_settings
-from .exceptions import ExecutorError, InvalidTransition, TransitionConflict
+from .exceptions import ExecutorError, InvalidTransition
 from .executors import executor_for
-from .executors.base import Executor
-from .finishing import announce, remove_container
+from .executors.base import ContainerInfo, Executor
+from .finishing import end_attempt, remove_container
+from .installation import installation_id
 from .launching import LaunchOutcome, launch_claimed
+from .masking import mask_text, masked_exception
 from .models import ContainerJob, ExecutorHost
+from .outcomes import End, Ending
 from .states import Status
 
 logger = logging.getLogger(__name__)
@@ -94,32 +98,40 @@ class JobQueueManager:
         return job
 
     def cancel_job(self, job: ContainerJob) -> bool:
-        """Cancel a job that is not final; stop and remove its container if it has one."""
+        """Cancel a job that is not final; stop and remove its container if it has one.
+
+        A container that cannot be stopped now (its host does not answer) is marked
+        ``stop_pending``: it keeps its host slot, and the reconcile pass stops it as soon
+        as the host answers.
+        """
         for _ in range(5):  # the job may move under us (claimed, started): try again
             if job.status not in states.CANCELLABLE:
                 return False
-            had_container = job.status in states.ACTIVE
-            try:
-                job.transition_to(
-                    Status.CANCELLED,
-                    completed_at=timezone.now(),
-                    claimed_by="",
-                    lease_expires_at=None,
-                )
-            except TransitionConflict:
+            had_container = job.status in states.ACTIVE and job.attempt > 0
+            if not end_attempt(job, Ending(End.CANCELLED), as_claimant=False):
                 job.refresh_from_db()
                 continue
-            announce(job)
-            if had_container and job.attempt:
-                executor = self.executor(job)
-                try:
-                    executor.stop(job.container_name, timeout=5)
-                except ExecutorError:
-                    logger.warning("job %s: could not stop its container", job.pk, exc_info=True)
-                if not app_settings.KEEP_CONTAINERS:
-                    remove_container(executor, job.container_name)
+            if had_container:
+                self._stop_cancelled(job)
             return True
         return False
+
+    def _stop_cancelled(self, job: ContainerJob) -> None:
+        executor = self.executor(job)
+        try:
+            executor.stop(job.container_name, timeout=5)
+        except ExecutorError:
+            logger.warning(
+                "job %s: could not stop its container; it keeps its slot until the "
+                "reconcile pass stops it",
+                job.pk,
+                exc_info=True,
+            )
+            ContainerJob.objects.filter(pk=job.pk, attempt=job.attempt).update(stop_pending=True)
+            job.stop_pending = True
+            return
+        if not app_settings.KEEP_CONTAINERS:
+            remove_container(executor, job.container_name)
 
     def get_ready_jobs(
         self, limit: int | None = None, exclude_ids: Sequence[Any] | None = None
@@ -177,8 +189,13 @@ class JobQueueManager:
             try:
                 outcome = launch_claimed(job, self.executor(job))
             except Exception as exc:  # keep the batch going whatever one job does
-                logger.exception("job %s: launch crashed", job.pk)
-                outcome = LaunchOutcome(False, f"{type(exc).__name__}: {exc}")
+                logger.error(
+                    "job %s: launch crashed",
+                    job.pk,
+                    exc_info=masked_exception(exc, job.environment),
+                )
+                error = mask_text(f"{type(exc).__name__}: {exc}", job.environment)
+                outcome = LaunchOutcome(False, error)
             if outcome.success:
                 launched += 1
                 started.append(job.pk)
@@ -277,7 +294,7 @@ class JobQueueManager:
         One conditional UPDATE marks them, so two dispatchers never send a job twice.
         """
         limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
-        free = limit - ContainerJob.objects.active().count()
+        free = limit - ContainerJob.objects.holding_slots().count()
         ids = claims.eligible_ready_ids(free)
         if not ids:
             return []
@@ -315,48 +332,108 @@ class JobQueueManager:
         """A message for this job was consumed without a claim: allow a new one."""
         ContainerJob.objects.filter(pk=job_id, claimed_by="").update(dispatched_at=None)
 
-    def remove_finished_containers(self) -> int:
-        """Remove exited containers whose job is final or gone (left by a crash)."""
-        removed = 0
+    def leftover_containers(self, include_unlabelled: bool = False) -> list[Leftover]:
+        """The containers cleanup removes, each with the reason: those of this installation
+        (on the default host and every active host) that are not the current attempt of an
+        active job. ``include_unlabelled`` adds containers that have no installation label
+        (started before containers carried one)."""
+        leftovers: list[Leftover] = []
+        seen: set[str] = set()  # the default host may also be listed as a host row
         hosts: list[ExecutorHost | None] = [None, *ExecutorHost.objects.filter(is_active=True)]
         for host in hosts:
             executor = self.executor_factory(host)
             try:
-                found = executor.list_job_containers()
+                found = _own_containers(executor, include_unlabelled)
             except ExecutorError:
                 logger.warning("cannot list containers on %s", host or "default host")
                 continue
-            ids = {info.job_id for info in found if _is_uuid(info.job_id)}
-            current = set(
-                ContainerJob.objects.filter(pk__in=ids, status__in=states.ACTIVE).values_list(
-                    "pk", "attempt"
-                )
-            )
-            known = set(ContainerJob.objects.filter(pk__in=ids).values_list("pk", flat=True))
+            found = [info for info in found if info.container_id not in seen]
+            seen.update(info.container_id for info in found)
+            jobs = _jobs_of(found)
             for info in found:
-                job_id = uuid.UUID(info.job_id) if _is_uuid(info.job_id) else None
-                # Keep only the container of an active job's current attempt.
-                if (job_id, info.attempt) in current:
-                    continue
-                # A running container of a job this database does not know may belong to
-                # another installation sharing the daemon: never kill it.
-                if info.running and job_id not in known:
-                    continue
-                remove_container(executor, info.name)
-                removed += 1
+                reason = _why_leftover(info, _job_of(info, jobs))
+                if reason is not None:
+                    leftovers.append(Leftover(executor, host, info, reason))
+        return leftovers
+
+    def remove_leftovers(self, leftovers: Sequence[Leftover]) -> list[Leftover]:
+        """Remove the given containers; return those removed (a failure is logged, and the
+        next cleanup tries again)."""
+        removed = []
+        for leftover in leftovers:
+            try:
+                leftover.executor.remove(leftover.info.name)
+            except ExecutorError:
+                logger.warning("could not remove container %s", leftover.info.name, exc_info=True)
+                continue
+            removed.append(leftover)
         return removed
 
-    def cleanup_old_jobs(self, days: int | None = None) -> int:
-        """Delete final jobs finished more than ``days`` ago (default from settings)."""
+    def remove_finished_containers(self, include_unlabelled: bool = False) -> int:
+        """Remove :meth:`leftover_containers`; return how many were removed."""
+        return len(self.remove_leftovers(self.leftover_containers(include_unlabelled)))
+
+    def old_jobs(self, days: int | None = None) -> QuerySet[ContainerJob]:
+        """Final jobs finished more than ``days`` ago (default from settings)."""
         age = app_settings.CLEANUP_AFTER_DAYS if days is None else days
         cutoff = timezone.now() - timedelta(days=age)
-        deleted, _ = ContainerJob.objects.filter(
-            status__in=states.FINAL, completed_at__lt=cutoff
-        ).delete()
+        return ContainerJob.objects.filter(status__in=states.FINAL, completed_at__lt=cutoff)
+
+    def cleanup_old_jobs(self, days: int | None = None) -> int:
+        """Delete :meth:`old_jobs`; return how many rows were deleted."""
+        deleted, _ = self.old_jobs(days).delete()
         return deleted
 
 
 _METRIC_KEYS = ("queue_depth", "ready_now", "scheduled_future", "running", "launch_failed")
+
+
+JobRow = tuple[str, int]  # a job's (status, attempt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Leftover:
+    """A container that cleanup removes, the daemon it is on, and why it goes."""
+
+    executor: Executor
+    host: ExecutorHost | None
+    info: ContainerInfo
+    reason: str
+
+
+def _own_containers(executor: Executor, include_unlabelled: bool) -> list[ContainerInfo]:
+    own = installation_id()
+    if not include_unlabelled:
+        return executor.list_job_containers(installation=own)
+    # Containers from before the label existed cannot be told apart from another
+    # installation's, so they are taken only when asked for.
+    return [info for info in executor.list_job_containers() if info.installation in (own, "")]
+
+
+def _jobs_of(found: list[ContainerInfo]) -> dict[uuid.UUID, JobRow]:
+    """(status, attempt) of each listed container's job that this database knows."""
+    ids = {pk for pk in map(_uuid_or_none, (info.job_id for info in found)) if pk is not None}
+    rows = ContainerJob.objects.filter(pk__in=ids).values_list("pk", "status", "attempt")
+    return {_as_uuid(pk): (str(status), int(attempt)) for pk, status, attempt in rows}
+
+
+def _job_of(info: ContainerInfo, jobs: dict[uuid.UUID, JobRow]) -> JobRow | None:
+    pk = _uuid_or_none(info.job_id)
+    return None if pk is None else jobs.get(pk)
+
+
+def _why_leftover(info: ContainerInfo, job: JobRow | None) -> str | None:
+    """Why cleanup removes this container, or None when it stays."""
+    if job is None:
+        # The row is gone (deleted with old jobs) or was never here. A running container
+        # stays all the same: it may have been started from a copy of this database.
+        return None if info.running else "its job is not in this database"
+    status, attempt = job
+    if info.attempt != attempt:
+        return f"attempt {info.attempt} is not the job's current attempt ({attempt})"
+    if status in states.ACTIVE:
+        return None  # the live attempt
+    return f"its job is {status}"
 
 
 def _as_uuid(value: Any) -> uuid.UUID:
@@ -364,12 +441,11 @@ def _as_uuid(value: Any) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
 
-def _is_uuid(value: str) -> bool:
+def _uuid_or_none(value: str) -> uuid.UUID | None:
     try:
-        uuid.UUID(value)
+        return uuid.UUID(value)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _copy_into(target: ContainerJob, source: ContainerJob) -> None:

@@ -7,6 +7,9 @@ in an operator's cancel or in a failed launch. Each of them sends the engine's
 :class:`ContainerJobFailed`, RETRYING while a retry waits), then sends the matching task
 event (``task-succeeded``, ``task-failed``, ``task-retried``) so that Flower is right too.
 
+Both leave the app, so the job's secret environment values are masked in everything they
+carry: the result dict, the error text and the exception.
+
 Nothing here may break finishing: every failure is logged and swallowed.
 """
 
@@ -25,6 +28,7 @@ from django.dispatch import receiver
 from .api import job_result
 from .conf import app_settings
 from .exceptions import ContainerJobFailed
+from .masking import mask_text
 from .models import ContainerJob
 from .signals import attempt_ended
 from .states import Status
@@ -41,7 +45,9 @@ _dispatcher_pid: int | None = None
 
 
 def failure_of(job: ContainerJob) -> ContainerJobFailed:
-    return ContainerJobFailed(f"job {job.pk} {job.status}: {job.last_error or 'no detail'}")
+    """The exception a failed or cancelled job's result raises, its secrets masked."""
+    message = f"job {job.pk} {job.status}: {job.last_error or 'no detail'}"
+    return ContainerJobFailed(mask_text(message, job.environment))
 
 
 @receiver(attempt_ended, dispatch_uid="django_container_celery.results.publish")
@@ -67,15 +73,16 @@ def publish(sender: Any, job: ContainerJob, **kwargs: Any) -> None:
         send_event("task-failed", uuid=task_id, exception=saferepr(error), traceback="")
     elif job.status == Status.RETRYING:
         # Not Celery's RETRY: result backends decode a RETRY result as an exception.
+        error_text = mask_text(job.last_error, job.environment)
         meta = {
             "job_id": str(job.pk),
-            "error": job.last_error,
+            "error": error_text,
             "retry_count": job.retry_count,
             "retry_at": job.scheduled_for.isoformat() if job.scheduled_for else None,
         }
         if stored:
             backend.store_result(task_id, meta, "RETRYING")
-        send_event("task-retried", uuid=task_id, exception=saferepr(job.last_error))
+        send_event("task-retried", uuid=task_id, exception=saferepr(error_text))
 
 
 def send_event(event_type: str, **fields: Any) -> None:

@@ -1,4 +1,5 @@
-"""Error classification and back-off for failed container launches.
+"""The retry decision (:func:`get_retry_decision`), with the error classification and the
+back-off strategies it uses.
 
 A failure is TRANSIENT (worth retrying: the daemon or registry is briefly unreachable),
 PERMANENT (retrying cannot help: a missing image, a bad configuration) or UNKNOWN (retried
@@ -14,7 +15,7 @@ import math
 import random
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import docker.errors
 import requests.exceptions
@@ -23,12 +24,18 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .conf import app_settings
 from .exceptions import ExecutorError
+from .outcomes import End, Ending
+
+if TYPE_CHECKING:
+    from .models import ContainerJob
 
 __all__ = [
     "RETRY_STRATEGIES",
     "ErrorClassifier",
     "ErrorType",
+    "RetryDecision",
     "RetryStrategy",
+    "get_retry_decision",
     "get_strategy",
     "is_retryable_exit_code",
     "strategy_names",
@@ -391,3 +398,50 @@ def is_retryable_exit_code(exit_code: int | None, retry_exit_codes: list[int]) -
     if exit_code is None or exit_code == 0:
         return False
     return exit_code in (retry_exit_codes or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryDecision:
+    """Whether the job gets another attempt, after how long, and why (for ``last_error``)."""
+
+    retry: bool
+    delay: float = 0.0
+    reason: str = ""
+
+
+def get_retry_decision(job: ContainerJob, ending: Ending) -> RetryDecision:
+    """The one place that decides whether an ended attempt is retried.
+
+    Retried: a vanished container; an exit code listed in the job's ``retry_exit_codes``;
+    a launch failure its classifier does not call permanent. Never retried: success, a
+    timeout, a cancel, a job given up as unfinishable, a definition the launcher refused.
+    The job's ``max_retries`` bounds them all; its strategy sets the delay.
+    """
+    if ending.kind is End.VANISHED:
+        transient, why = True, ""
+    elif ending.kind is End.EXITED:
+        transient = is_retryable_exit_code(ending.exit_code, job.retry_exit_codes or [])
+        why = "listed in retry_exit_codes" if transient else ""
+    elif ending.kind is End.LAUNCH_FAILED:
+        kind = launch_error_type(ending)
+        transient, why = kind is not ErrorType.PERMANENT, ""
+    else:
+        return RetryDecision(False)
+    if not transient:
+        return RetryDecision(False)
+    return within_budget(job, why)
+
+
+def within_budget(job: ContainerJob, why: str = "") -> RetryDecision:
+    """A retry if the job's ``max_retries`` allows one, after its strategy's back-off."""
+    if job.retry_count >= job.max_retries:
+        return RetryDecision(False, reason=f"no retries left (max_retries={job.max_retries})")
+    delay = get_strategy(job.retry_strategy).get_retry_delay(job.retry_count + 1)
+    return RetryDecision(True, delay, why)
+
+
+def launch_error_type(ending: Ending) -> ErrorType:
+    """How a failed launch is classified: a refused definition is permanent."""
+    if ending.refused:
+        return ErrorType.PERMANENT
+    return ErrorClassifier.classify_error(ending.exception or ending.error)

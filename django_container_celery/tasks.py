@@ -32,6 +32,7 @@ from .exceptions import ContainerJobFailed
 from .following import Progress
 from .models import ContainerJob
 from .queue import JobQueueManager, queue_manager
+from .results import failure_of
 from .states import Status
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def run_job_inline(
             job.refresh_from_db()
     if job.is_final:
         if job.status != Status.COMPLETED:
-            raise ContainerJobFailed(f"job {job.pk} {job.status}: {job.last_error or 'no detail'}")
+            raise failure_of(job)
         return job_result(job)
     dispatch_ready_jobs.run()
     wait = float(app_settings.DISPATCH_INTERVAL)

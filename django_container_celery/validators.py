@@ -11,6 +11,10 @@ from django.core.exceptions import ValidationError
 
 from .conf import app_settings
 
+# The secret-name rule and the mask live with the rest of the masking; kept importable
+# from here, where they were first defined.
+from .masking import MASK, SECRET_KEY_RE, is_secret_key, mask_environment
+
 # Docker's reference grammar: [host[:port]/]component(/component)*[:tag][@sha256:<hex>]
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -21,8 +25,6 @@ IMAGE_REFERENCE_RE = re.compile(
     rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?", re.ASCII
 )
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
-SECRET_KEY_RE = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
-MASK = "********"
 
 
 def validate_image_reference(value: str) -> None:
@@ -177,10 +179,23 @@ def validate_bind_mounts(value: Any) -> None:
             )
 
 
-def is_secret_key(key: str) -> bool:
-    return bool(SECRET_KEY_RE.search(key))
-
-
-def mask_environment(environment: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``environment`` with the values of secret-looking names masked."""
-    return {k: (MASK if is_secret_key(k) else v) for k, v in environment.items()}
+__all__ = [
+    "ENV_KEY_RE",
+    "IMAGE_REFERENCE_RE",
+    "MASK",
+    "SECRET_KEY_RE",
+    "bind_mount_allowed",
+    "is_secret_key",
+    "mask_environment",
+    "parse_bind_mount",
+    "validate_bind_mounts",
+    "validate_command",
+    "validate_cpu_limit",
+    "validate_environment",
+    "validate_exit_codes",
+    "validate_image_reference",
+    "validate_memory_limit",
+    "validate_priority",
+    "validate_retry_strategy",
+    "validate_timeout",
+]

@@ -43,16 +43,19 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
 from django.db.models import Q
+from django.db.models.functions import Now
 
 from . import claims, following, states
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors import executor_for
 from .executors.base import ContainerEvent, ContainerInfo, EventStream, Executor
-from .finishing import finish, remove_container
-from .models import ContainerJob, ExecutorHost
+from .finishing import finish, give_up, remove_container
+from .installation import installation_id
+from .masking import mask_text, masked_exception
+from .models import ContainerJob, ExecutorHost, container_name, database_now
 from .states import Status
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ LEADER_POLL_SECONDS = 1.0
 # An exit reported while its job is still ``launching`` (the launcher has not written
 # ``running`` yet) is looked at again every tick for this long; reconcile covers the rest.
 RECHECK_SECONDS = 15.0
+# A container that died of SIGKILL may be on its way out (``docker rm -f``): its job is
+# looked at again after this pause rather than finished from the event.
+KILLED_EXIT_CODE = 137
+KILLED_SETTLE_SECONDS = 1.0
 # Pause before reopening a broken event stream; doubled up to the maximum while it fails.
 STREAM_RETRY_SECONDS = 1.0
 STREAM_RETRY_MAX_SECONDS = 30.0
@@ -205,29 +212,98 @@ def reconcile(
     try:
         listed = executor.list_job_containers()
     except ExecutorError:
-        # The daemon does not answer: its running jobs stay running until it does.
+        # The daemon does not answer: its running jobs stay running until it does (they
+        # may still run there, so they are never relaunched elsewhere meanwhile).
         logger.info("reconcile: %s does not answer; its jobs stay as they are", executor)
+        _mark_reachable(target, False)
         return done
+    _mark_reachable(target, True)
+    now = database_now()
+    # Liveness goes by name over every listed container, labelled with our installation
+    # or not: a job started before containers carried the label is followed like any
+    # other, and a name never matches another installation's job.
     alive = {info.name for info in listed if info.running}
     for job in jobs:
-        if job.container_name in alive and following.deadline_of(job) > 0:
+        if job.container_name in alive and following.deadline_of(job, now) > 0:
             continue
-        if _isolated(job, following.check, job, executor, remove) is following.Progress.FINISHED:
+        looked = _isolated(job, following.check, job, executor, remove, now)
+        if looked is following.Progress.FINISHED:
             done.finished += 1
-    done.stopped = _stop_strays(listed, executor, remove)
+    own = installation_id()
+    done.stopped = _stop_strays([i for i in listed if i.installation == own], executor, remove)
+    _release_stopped(target, alive)
     return done
 
 
+def _mark_reachable(target: Target, reachable: bool) -> None:
+    """Keep ``ExecutorHost.unreachable_since`` (shown in the admin) in step with the
+    daemon: set when it first fails to answer, cleared when it answers again."""
+    if target is None:
+        return
+    hosts = ExecutorHost.objects.filter(pk=target)
+    if reachable:
+        hosts.filter(unreachable_since__isnull=False).update(unreachable_since=None)
+    else:
+        hosts.filter(unreachable_since__isnull=True).update(unreachable_since=Now())
+
+
+def _release_stopped(target: Target, alive: set[str]) -> None:
+    """Give back the slots of ended jobs whose container could not be stopped earlier and
+    no longer runs (stopped by this pass, or exited)."""
+    pending = ContainerJob.objects.filter(claims.on_host(target), stop_pending=True)
+    for pk, attempt in pending.values_list("pk", "attempt"):
+        if container_name(pk, attempt) not in alive:
+            ContainerJob.objects.filter(pk=pk, attempt=attempt).update(stop_pending=False)
+
+
+# Failures in a row of one attempt's finishing, by (job id, attempt): after FINISH_TRIES
+# the job is failed with the reason rather than left running (and holding its slot).
+_failures: dict[tuple[Any, int], int] = {}
+_failures_lock = threading.Lock()
+
+
 def _isolated(job: ContainerJob, step: Callable[..., Any], *args: Any) -> Any:
-    """Run one job's step so that a failure of that job never stops the others' (the
-    database going away still ends the pass)."""
+    """Run one job's step so that a failure of that job never stops the others'.
+
+    A lost database connection still ends the pass. Any other failure is counted: a job
+    whose step keeps failing (the database refuses its row, the daemon keeps erroring)
+    ends failed after ``FINISH_TRIES`` tries.
+    """
+    key = (job.pk, job.attempt)
     try:
-        return step(*args)
-    except DatabaseError:
+        result = step(*args)
+    except (OperationalError, InterfaceError):
         raise
-    except Exception:
-        logger.exception("job %s: could not be looked at; trying again next pass", job.pk)
-        return None
+    except Exception as exc:
+        with _failures_lock:
+            count = _failures[key] = _failures.get(key, 0) + 1
+        tries = int(app_settings.FINISH_TRIES)
+        if count < tries:
+            logger.error(
+                "job %s: could not be looked at (%s/%s)",
+                job.pk,
+                count,
+                tries,
+                exc_info=masked_exception(exc, job.environment),
+            )
+            return None
+        logger.error(
+            "job %s: giving up after %s failed tries: %s",
+            job.pk,
+            count,
+            mask_text(str(exc), job.environment),
+        )
+        with _failures_lock:
+            _failures.pop(key, None)
+        return following.Progress.FINISHED if give_up(job, _one_line(exc)) else None
+    with _failures_lock:
+        _failures.pop(key, None)
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
 
 
 def _stop_strays(
@@ -235,9 +311,10 @@ def _stop_strays(
 ) -> int:
     """Stop (and unless KEEP_CONTAINERS remove) containers no active attempt owns.
 
-    Statuses are read after the listing, so a container whose claim was made meanwhile
-    is seen with its active row. Containers of jobs this database does not know may be
-    another installation's: they are left alone.
+    ``listed`` holds only this installation's containers: another installation's, and
+    unlabelled ones from before the label existed, are never stopped here. Statuses are
+    read after the listing, so a container whose claim was made meanwhile is seen with
+    its active row. Containers of jobs this database does not know are left alone too.
     """
     by_job: dict[uuid.UUID, list[ContainerInfo]] = {}
     for info in listed:
@@ -334,6 +411,7 @@ class Watcher:
         self._events: queue.Queue[tuple[Target, ContainerEvent]] = queue.Queue()
         self._leads: dict[Target, _Lead] = {}
         self._rechecks: dict[tuple[str, int], tuple[Target, float, int | None]] = {}
+        self._recheck_after: dict[tuple[str, int], float] = {}
         self._removals: queue.Queue[tuple[Executor, str] | None] = queue.Queue()
         self._removing: set[str] = set()
         self._removing_lock = threading.Lock()
@@ -512,9 +590,22 @@ class Watcher:
             except queue.Empty:
                 return
             lead = self._leads.get(target)
-            if lead is not None:
-                code = event.exit_code if event.action == "die" else None
-                self._look_at(lead, event.job_id, event.attempt, code)
+            if lead is None:
+                continue
+            code = event.exit_code if event.action == "die" else None
+            if code == KILLED_EXIT_CODE:
+                # ``docker rm -f`` kills before it removes: look again in a moment, when a
+                # removed container reads as vanished (retried), not as killed (failed).
+                self._rechecks[(event.job_id, event.attempt)] = (
+                    target,
+                    time.monotonic() + RECHECK_SECONDS,
+                    None,
+                )
+                self._recheck_after[(event.job_id, event.attempt)] = (
+                    time.monotonic() + KILLED_SETTLE_SECONDS
+                )
+                continue
+            self._look_at(lead, event.job_id, event.attempt, code)
 
     def _look_at(
         self, lead: _Lead, job_id: str, attempt: int, exit_code: int | None = None
@@ -555,7 +646,11 @@ class Watcher:
             lead = self._leads.get(target)
             if lead is None or now > until:
                 self._rechecks.pop((job_id, attempt), None)
+                self._recheck_after.pop((job_id, attempt), None)
                 continue
+            if now < self._recheck_after.get((job_id, attempt), 0.0):
+                continue
+            self._recheck_after.pop((job_id, attempt), None)
             self._look_at(lead, job_id, attempt, exit_code)
 
     # -- container removal, off the finishing path -----------------------------------------

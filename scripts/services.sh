@@ -552,9 +552,28 @@ status_browser() {
     return 1
 }
 
+# ------------------------------------------------------------ faketime ------
+# The clock-skew tests run a worker whose clock is two minutes fast, by preloading
+# Debian's libfaketime into that one process.
+FAKETIME_LIB="${DCC_FAKETIME_LIB:-/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1}"
+
+ensure_faketime() {
+    if [ ! -e "$FAKETIME_LIB" ]; then
+        apt_install faketime faketime
+    fi
+    [ -e "$FAKETIME_LIB" ] || fail faketime "$FAKETIME_LIB is missing after installing faketime"
+    log "faketime: $FAKETIME_LIB present"
+}
+
+status_faketime() {
+    if [ -e "$FAKETIME_LIB" ]; then log "faketime: $FAKETIME_LIB present"; return 0; fi
+    log "faketime: DOWN ($FAKETIME_LIB missing)"
+    return 1
+}
+
 # --------------------------------------------------------------- main ------
 usage() {
-    echo "usage: bash scripts/services.sh {all|postgres|redis|docker|image|browser|status}" >&2
+    echo "usage: bash scripts/services.sh {all|postgres|redis|docker|image|browser|faketime|status}" >&2
     exit 2
 }
 
@@ -571,8 +590,9 @@ command -v python3 >/dev/null || fail services "python3 is needed to parse the s
 cmd="${1:-}"
 [ "$#" -le 1 ] || usage
 case "$cmd" in
-    all) take_lock; ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_browser ;;
+    all) take_lock; ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_browser; ensure_faketime ;;
     browser) take_lock; ensure_browser ;;
+    faketime) take_lock; ensure_faketime ;;
     postgres) take_lock; ensure_postgres ;;
     redis) take_lock; ensure_redis ;;
     docker) take_lock; ensure_docker ;;
@@ -584,6 +604,7 @@ case "$cmd" in
         status_docker || rc=1
         status_image || rc=1
         status_browser || rc=1
+        status_faketime || rc=1
         exit "$rc"
         ;;
     *) usage ;;

@@ -13,7 +13,12 @@ import pytest
 from django.conf import settings
 
 from django_container_celery.exceptions import ExecutorError
-from django_container_celery.executors import ContainerExists, ContainerSpec, executor_for
+from django_container_celery.executors import (
+    ContainerExists,
+    ContainerSpec,
+    StartFailed,
+    executor_for,
+)
 from django_container_celery.executors.docker import DockerExecutor, parse_docker_time
 
 pytestmark = pytest.mark.docker
@@ -151,15 +156,29 @@ def test_auto_pull_tries_the_registry_for_a_missing_image(
     assert executor.inspect(spec.name) is None
 
 
-def test_missing_command_leaves_no_container(
+def test_a_start_that_fails_leaves_the_created_container_to_the_caller(
     executor: DockerExecutor, make_spec: SpecFactory, docker_client: Any
 ) -> None:
+    # Only the caller knows whether its claim still holds, and so whether the container is
+    # its own to remove (a launch taken over may have a new owner by now).
     spec = make_spec(["nonexistent-binary"])
-    with pytest.raises(ExecutorError) as caught:
+    with pytest.raises(StartFailed) as caught:
         executor.start(spec)
     assert isinstance(caught.value.original, docker.errors.APIError)
     assert "nonexistent-binary" in str(caught.value)
-    assert containers_named(docker_client, spec.name) == []
+    assert caught.value.name == spec.name
+    assert [c.status for c in containers_named(docker_client, spec.name)] == ["created"]
+
+
+def test_a_created_but_never_started_container_is_replaced_not_started(
+    executor: DockerExecutor, make_spec: SpecFactory, docker_client: Any
+) -> None:
+    spec = make_spec(["sh", "-c", "echo ran"])
+    stale = docker_client.api.create_container(spec.image, command=["true"], name=spec.name)
+    container_id = executor.start(spec)
+    assert container_id != stale["Id"]
+    assert [c.id for c in containers_named(docker_client, spec.name)] == [container_id]
+    assert executor.wait(spec.name, 30) == 0
 
 
 def test_limits_are_applied_and_never_privileged(
@@ -346,45 +365,6 @@ def test_for_host_with_missing_tls_files_fails_on_use() -> None:
     with pytest.raises(ExecutorError) as caught:
         executor.ping()
     assert isinstance(caught.value.original, docker.errors.DockerException)
-
-
-class _CombinedTailApi:
-    """Mimics the daemon's log tail: it counts lines of both streams, then filters."""
-
-    def __init__(self, entries: list[tuple[str, bytes]]) -> None:
-        self.entries = entries
-        self.requests: list[tuple[str, int | str]] = []
-
-    def logs(self, name: str, stdout: bool, stderr: bool, tail: int | str) -> bytes:
-        self.requests.append(("stdout" if stdout else "stderr", tail))
-        window = self.entries if tail == "all" else self.entries[-int(tail) :]
-        wanted = "stdout" if stdout else "stderr"
-        return b"".join(line for stream, line in window if stream == wanted)
-
-
-def _with_api(api: _CombinedTailApi) -> DockerExecutor:
-    executor = DockerExecutor("unix:///tmp/never-used.sock")
-    executor._client = type("Client", (), {"api": api})()
-    return executor
-
-
-def test_log_tail_of_a_small_log_takes_two_requests() -> None:
-    api = _CombinedTailApi([("stdout", b"a\n"), ("stderr", b"b\n")])
-    assert _with_api(api).logs("c", 1000) == ("a\n", "b\n")
-    assert len(api.requests) == 2
-
-
-def test_log_tail_finds_a_stream_crowded_out_by_the_other() -> None:
-    entries = [("stderr", b"the real error\n")]
-    entries += [("stdout", f"{n}\n".encode()) for n in range(300_000)]
-    api = _CombinedTailApi(entries)
-    stdout, stderr = _with_api(api).logs("c", 64 * 1024)
-    assert stderr == "the real error\n"
-    assert stdout.endswith("299998\n299999\n")
-    assert len(stdout.split("\n", 1)[1].encode()) == 64 * 1024
-    assert ("stderr", "all") in api.requests
-    # stdout never needed more than a widened window, so the whole log was never moved.
-    assert ("stdout", "all") not in api.requests
 
 
 def test_forked_child_never_reuses_the_parents_executor(settings: Any) -> None:

@@ -140,3 +140,184 @@ def test_database_rejects_out_of_range_priority() -> None:
     with pytest.raises(IntegrityError), transaction.atomic():
         make_job(priority=101)
     assert not ContainerJob.objects.exists()
+
+
+# -- save() never puts back the engine's state ------------------------------------------
+
+
+def claimed_job(**fields: object) -> tuple[ContainerJob, ContainerJob]:
+    """A queued job read by an operator (the stale instance), then claimed by a worker;
+    returns (stale, claimant)."""
+    from django_container_celery import claims
+
+    job = make_job(**fields)
+    job.mark_as_queued()
+    stale = ContainerJob.objects.get(pk=job.pk)
+    claimant = claims.claim_job(job.pk, "worker-1", in_turn=False)
+    assert claimant is not None and claimant.status == Status.LAUNCHING
+    return stale, claimant
+
+
+def test_engine_fields_are_everything_but_definition_and_record() -> None:
+    engine = set(ContainerJob.engine_fields())
+    owned = {
+        "status",
+        "queued_at",
+        "scheduled_for",
+        "launched_at",
+        "retry_count",
+        "last_error",
+        "last_error_at",
+        "claimed_by",
+        "claimed_at",
+        "lease_expires_at",
+        "attempt",
+        "assigned_host",
+        "dispatched_at",
+        "execution_id",
+        "exit_code",
+        "started_at",
+        "completed_at",
+        "stdout_log",
+        "stderr_log",
+        "celery_task_id",
+        "stop_pending",
+    }
+    assert owned <= engine
+    assert not engine & {*ContainerJob.DEFINITION_FIELDS, *ContainerJob.RECORD_FIELDS}
+    assert not engine & {"id", "created_at"}
+
+
+def test_stale_save_after_a_claim_keeps_the_claim() -> None:
+    stale, claimant = claimed_job(description="before")
+    stale.description = "edited by an operator"
+    stale.save()
+    row = ContainerJob.objects.get(pk=stale.pk)
+    assert row.description == "edited by an operator"
+    assert (row.status, row.claimed_by, row.attempt) == (Status.LAUNCHING, "worker-1", 1)
+    assert (row.claimed_at, row.lease_expires_at) == (
+        claimant.claimed_at,
+        claimant.lease_expires_at,
+    )
+    # The stale instance now shows the claim instead of its old state.
+    assert (stale.status, stale.claimed_by, stale.attempt) == (Status.LAUNCHING, "worker-1", 1)
+    assert stale.container_name == claimant.container_name
+
+
+def test_next_claim_after_a_stale_save_takes_a_new_container_name() -> None:
+    from django_container_celery import claims
+
+    stale, claimant = claimed_job()
+    first_name = claimant.container_name
+    stale.name = "renamed"
+    stale.save()
+    claims.release(claimant)
+    again = claims.claim_job(stale.pk, "worker-2", in_turn=False)
+    assert again is not None and again.attempt == 2
+    assert again.container_name != first_name
+
+
+def test_stale_save_of_a_running_job_keeps_its_execution() -> None:
+    stale, claimant = claimed_job(priority=50)
+    claimant.mark_as_running(as_claimant=True, execution_id="container-1")
+    stale.priority = 90
+    stale.save()
+    row = ContainerJob.objects.get(pk=stale.pk)
+    assert row.priority == 90
+    assert (row.status, row.execution_id, row.claimed_by, row.attempt) == (
+        Status.RUNNING,
+        "container-1",
+        "worker-1",
+        1,
+    )
+    assert row.started_at == claimant.started_at and row.launched_at == claimant.launched_at
+    assert row.lease_expires_at == claimant.lease_expires_at
+    assert stale.execution_id == "container-1" and stale.status == Status.RUNNING
+
+
+def test_claimant_instance_saves_its_definition_after_its_own_writes() -> None:
+    _stale, claimant = claimed_job()
+    claimant.mark_as_running(as_claimant=True, execution_id="container-1")
+    claimant.description = "noted while running"
+    claimant.save()
+    row = ContainerJob.objects.get(pk=claimant.pk)
+    assert (row.description, row.status, row.execution_id) == (
+        "noted while running",
+        Status.RUNNING,
+        "container-1",
+    )
+
+
+def test_stale_instance_cannot_move_the_status_of_a_claimed_job() -> None:
+    from django_container_celery.exceptions import TransitionConflict
+
+    stale, _claimant = claimed_job()
+    stale.status = Status.CANCELLED  # launching -> cancelled is an edge, but not by save()
+    stale.description = "not saved either"
+    with pytest.raises(TransitionConflict, match="worker-1"):
+        stale.save()
+    row = ContainerJob.objects.get(pk=stale.pk)
+    assert (row.status, row.claimed_by, row.description) == (Status.LAUNCHING, "worker-1", "")
+
+
+def test_status_move_refused_when_the_row_moved_since_it_was_read() -> None:
+    from django_container_celery.exceptions import TransitionConflict
+
+    job = make_job()
+    job.mark_as_queued()
+    stale = ContainerJob.objects.get(pk=job.pk)
+    job.transition_to(Status.PENDING)  # dequeued by someone else
+    stale.status = Status.CANCELLED  # pending -> cancelled is an edge, but from 'queued'
+    with pytest.raises(TransitionConflict, match="moved from 'queued'"):
+        stale.save()
+    assert ContainerJob.objects.get(pk=job.pk).status == Status.PENDING
+
+
+@pytest.mark.parametrize("field", ["attempt", "claimed_by", "lease_expires_at"])
+def test_changing_an_owned_field_of_a_held_job_is_refused(field: str) -> None:
+    from django_container_celery.exceptions import OwnedFieldError
+
+    _stale, claimant = claimed_job()
+    job = ContainerJob.objects.get(pk=claimant.pk)
+    setattr(job, field, {"attempt": 0, "claimed_by": "", "lease_expires_at": None}[field])
+    job.description = "not saved either"
+    with pytest.raises(OwnedFieldError, match=field) as info:
+        job.save()
+    assert info.value.fields == (field,) and "worker-1" in str(info.value)
+    with pytest.raises(OwnedFieldError, match=field):
+        job.save(update_fields=[field])
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.attempt, row.claimed_by, row.description) == (1, "worker-1", "")
+    assert row.lease_expires_at == claimant.lease_expires_at
+
+
+def test_update_fields_naming_an_owned_field_is_refused_while_running() -> None:
+    from django_container_celery.exceptions import OwnedFieldError
+
+    # Running without a claimant: a container may still be live, so it counts as held.
+    job = make_job(status="running", execution_id="container-1")
+    job.execution_id = ""
+    with pytest.raises(OwnedFieldError, match=r"execution_id.*the job is running"):
+        job.save(update_fields=["execution_id"])
+    assert ContainerJob.objects.get(pk=job.pk).execution_id == "container-1"
+
+
+def test_owned_fields_of_a_job_no_worker_holds_are_saved() -> None:
+    job = make_job(status="failed", last_error="boom", retry_count=2)
+    job.last_error = ""
+    job.save()
+    job.retry_count = 0
+    job.save(update_fields=["retry_count"])
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.last_error, row.retry_count) == ("", 0)
+
+
+def test_plain_save_writes_no_engine_field_it_did_not_change() -> None:
+    job = make_job(status="failed", last_error="boom")
+    stale = ContainerJob.objects.get(pk=job.pk)
+    ContainerJob.objects.filter(pk=job.pk).update(last_error="newer", retry_count=1)
+    stale.name = "renamed"
+    stale.save()
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.name, row.last_error, row.retry_count) == ("renamed", "newer", 1)
+    assert (stale.last_error, stale.retry_count) == ("newer", 1)

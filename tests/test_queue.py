@@ -11,6 +11,8 @@ import requests
 from django.utils import timezone
 
 from django_container_celery.executors.memory import FakeRun, MemoryExecutor
+from django_container_celery.installation import installation_id
+from django_container_celery.launching import launch_claimed
 from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.queue import JobQueueManager
 from django_container_celery.states import Status
@@ -118,7 +120,11 @@ def test_launch_job_starts_named_labelled_container(
     assert result == {"success": True, "error": None}
     spec = mem.started[-1]
     assert spec.name == f"dcc-{job.pk}-a1"
-    assert spec.labels == {"dcc.job_id": str(job.pk), "dcc.attempt": "1"}
+    assert spec.labels == {
+        "dcc.job_id": str(job.pk),
+        "dcc.attempt": "1",
+        "dcc.installation": installation_id(),
+    }
     assert spec.command == ["sh", "-c", "echo a b"]
     assert spec.memory_mb == 64 and spec.environment == {"A": "1"}
     row = ContainerJob.objects.get(pk=job.pk)
@@ -333,9 +339,11 @@ def test_rescue_retries_vanished_container(qm: JobQueueManager, mem: MemoryExecu
     assert row.status == Status.RETRYING and "vanished" in row.last_error
 
 
-def test_rescue_relaunches_a_claim_that_never_started(
+def test_rescue_continues_the_same_attempt_of_a_claim_that_never_started(
     qm: JobQueueManager, mem: MemoryExecutor
 ) -> None:
+    # The same attempt, so the same container name: had the first launcher been merely
+    # slow, the daemon would refuse its container or ours, never run both.
     mem.behaviour = lambda spec: FakeRun(runs_for=float("inf"))
     queued()
     job = qm.acquire_next_job(worker_id="dead-worker")
@@ -343,8 +351,29 @@ def test_rescue_relaunches_a_claim_that_never_started(
     expire_lease(job)
     qm.rescue_stale_jobs()
     row = ContainerJob.objects.get(pk=job.pk)
-    assert (row.status, row.attempt) == (Status.RUNNING, 2)
-    assert [s.name for s in mem.started] == [f"dcc-{job.pk}-a2"]
+    assert (row.status, row.attempt) == (Status.RUNNING, 1)
+    assert [s.name for s in mem.started] == [f"dcc-{job.pk}-a1"]
+
+
+def test_slow_launcher_and_rescuer_share_one_container(
+    qm: JobQueueManager, mem: MemoryExecutor
+) -> None:
+    mem.behaviour = lambda spec: FakeRun(runs_for=float("inf"))
+    queued()
+    job = qm.acquire_next_job(worker_id="slow-worker")
+    assert job is not None
+    expire_lease(job)
+    qm.rescue_stale_jobs()  # the rescuer starts attempt 1
+    # The slow launcher now gets to its start: the name is taken, it records nothing and
+    # leaves the container to the new owner.
+    outcome = launch_claimed(job, mem)
+    assert not outcome.success
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.status, row.attempt) == (Status.RUNNING, 1)
+    assert row.claimed_by != "slow-worker"
+    assert [s.name for s in mem.started] == [f"dcc-{job.pk}-a1"]
+    state = mem.inspect(f"dcc-{job.pk}-a1")
+    assert state is not None and state.running
 
 
 def test_zombie_cannot_overwrite_after_takeover(qm: JobQueueManager, mem: MemoryExecutor) -> None:

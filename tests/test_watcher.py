@@ -177,3 +177,87 @@ def test_another_installations_container_is_left_alone(mem: MemoryExecutor, watc
     watchers("w1", reconcile_interval=0.2)
     time.sleep(1.0)
     assert mem.running_names() == [foreign]
+
+
+def test_a_timeout_kill_that_fails_keeps_the_job_and_its_slot_until_it_succeeds(
+    mem: MemoryExecutor, watchers: Any
+) -> None:
+    mem.stop_error = RuntimeError("daemon does not answer")
+    job = launched(mem, timeout_seconds=1)
+    watchers("w1", reconcile_interval=0.2)
+    time.sleep(2.5)  # past the timeout, several passes that fail to kill
+    assert status_of(job) == Status.RUNNING
+    assert mem.running_names() == [job.container_name]
+    assert ContainerJob.objects.holding_slots().count() == 1
+    mem.stop_error = None
+    wait_for(lambda: status_of(job) == Status.FAILED, 10, message="never killed")
+    assert "timed out" in ContainerJob.objects.get(pk=job.pk).last_error
+    assert mem.running_names() == []
+
+
+def test_a_cancel_whose_stop_fails_keeps_the_slot_until_the_pass_stops_it(
+    mem: MemoryExecutor, watchers: Any
+) -> None:
+    job = launched(mem)
+    mem.stop_error = RuntimeError("daemon does not answer")
+    manager = JobQueueManager(executor_factory=lambda host: mem, worker_id="operator")
+    assert manager.cancel_job(ContainerJob.objects.get(pk=job.pk))
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.status, row.stop_pending) == (Status.CANCELLED, True)
+    assert ContainerJob.objects.holding_slots().count() == 1
+    watchers("w1", reconcile_interval=0.2)
+    time.sleep(1)
+    assert mem.running_names() == [job.container_name]  # still failing to stop
+    mem.stop_error = None
+    wait_for(
+        lambda: not ContainerJob.objects.get(pk=job.pk).stop_pending,
+        10,
+        message="the slot was never given back",
+    )
+    assert mem.running_names() == []
+    assert ContainerJob.objects.holding_slots().count() == 0
+
+
+@pytest.fixture
+def poisoned_rows() -> Iterator[None]:
+    """A trigger that refuses to store any row whose output holds 'poison': finishing such
+    a job fails on every try, as a row the database refuses would."""
+    if connection.vendor != "postgresql":
+        pytest.fail("this test needs PostgreSQL (set DATABASE_URL)")
+    table = ContainerJob._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            CREATE OR REPLACE FUNCTION dcc_test_refuse_poison() RETURNS trigger AS $$
+            BEGIN
+                IF NEW.stdout_log LIKE '%%poison%%' THEN
+                    RAISE EXCEPTION 'refusing this row';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql
+            """
+        )
+        cursor.execute(
+            f"CREATE TRIGGER dcc_test_poison BEFORE UPDATE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION dcc_test_refuse_poison()"
+        )
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TRIGGER IF EXISTS dcc_test_poison ON {table}")
+        cursor.execute("DROP FUNCTION IF EXISTS dcc_test_refuse_poison()")
+
+
+def test_a_job_whose_finishing_keeps_failing_ends_failed(
+    mem: MemoryExecutor, watchers: Any, poisoned_rows: None, settings: Any
+) -> None:
+    settings.CONTAINER_CELERY = {**settings.CONTAINER_CELERY, "FINISH_TRIES": 3}
+    mem.behaviour = lambda spec: FakeRun(runs_for=float("inf"), stdout="poison\n")
+    job = launched(mem)
+    mem.finish(job.container_name, 0)
+    watchers("w1", reconcile_interval=0.2)
+    wait_for(lambda: status_of(job) == Status.FAILED, 15, message="still not final")
+    row = ContainerJob.objects.get(pk=job.pk)
+    print(f"ended {row.status}: {row.last_error}")
+    assert "could not be finished after 3 tries" in row.last_error
+    assert "refusing this row" in row.last_error
+    assert row.claimed_by == "" and row.stdout_log == ""

@@ -16,7 +16,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from ..conf import app_settings
-from .base import ContainerExists, ContainerInfo, ContainerSpec, ContainerState, Executor
+from .base import (
+    ContainerExists,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    Executor,
+    StartFailed,
+)
 from .memory import FakeRun, MemoryExecutor
 
 if TYPE_CHECKING:
@@ -30,6 +37,7 @@ __all__ = [
     "Executor",
     "FakeRun",
     "MemoryExecutor",
+    "StartFailed",
     "clear_executor_cache",
     "executor_for",
     "memory_executor",

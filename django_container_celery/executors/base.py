@@ -17,6 +17,9 @@ from ..exceptions import ExecutorError
 # Every job container carries these labels; cleanup and tests find containers by them.
 JOB_LABEL = "dcc.job_id"
 ATTEMPT_LABEL = "dcc.attempt"
+# The id of the installation (its database) that started the container: sweeps and cleanup
+# of one installation leave the containers of others on a shared daemon alone.
+INSTALLATION_LABEL = "dcc.installation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,8 @@ class ContainerInfo:
     job_id: str
     attempt: int
     running: bool
+    # "" for containers started before containers carried the installation label
+    installation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,15 @@ class ContainerExists(ExecutorError):
         self.container_id = container_id
 
 
+class StartFailed(ExecutorError):
+    """The container was created but did not start. It is left in place: only the caller
+    knows whether its claim still holds, and so whether the container is its to remove."""
+
+    def __init__(self, message: str, name: str, original: BaseException | None = None) -> None:
+        super().__init__(message, original=original)
+        self.name = name
+
+
 class Executor(abc.ABC):
     """A container runtime. Every method raises :class:`ExecutorError` on failure."""
 
@@ -128,8 +142,9 @@ class Executor(abc.ABC):
         """Remove the container, forcing it if running; no error if gone."""
 
     @abc.abstractmethod
-    def list_job_containers(self) -> list[ContainerInfo]:
-        """Every container, running or exited, that carries the app's job label."""
+    def list_job_containers(self, installation: str | None = None) -> list[ContainerInfo]:
+        """Every container, running or exited, that carries the app's job label; with
+        ``installation``, only those whose installation label has that value."""
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -145,9 +160,119 @@ class Executor(abc.ABC):
         """Release connections."""
 
 
+def decode_log(data: bytes | bytearray | memoryview) -> str:
+    """Text a PostgreSQL column can store, telling exactly which bytes were printed.
+
+    Valid UTF-8 is decoded as it is. Each byte that is not part of valid UTF-8, and each
+    NUL byte (which PostgreSQL text cannot hold), becomes the four characters ``\\xNN``:
+    a backslash, ``x`` and the byte's value in two lowercase hex digits.
+    """
+    # str() decodes a buffer in place, without the copy that bytes(data) would make.
+    text = str(data, "utf-8", "backslashreplace")
+    return text.replace("\x00", "\\x00")
+
+
+# Bytes kept ahead of the tail, so that a UTF-8 character split by the cut can be told
+# apart from stray continuation bytes (a character is at most 4 bytes).
+_LOOKBACK = 3
+
+
+class LogTail:
+    """The last ``max_bytes`` bytes of a stream fed chunk by chunk, and a count of all.
+
+    The buffer never holds more than twice ``max_bytes`` (plus a few bytes): once full, the
+    tail that still matters is moved to its front in place, so memory stays bounded
+    however much is fed, and each byte fed is copied at most twice. ``max_bytes <= 0``
+    keeps everything.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.seen = 0
+        self._buffer = bytearray()
+        # Bytes of _buffer in use: once grown, the buffer is reused rather than resized,
+        # because a bytearray trimmed at its front is copied whole when it next grows.
+        self._size = 0
+        self._ended = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._check_open()
+        self.seen += len(chunk)
+        keep = self.max_bytes + _LOOKBACK
+        with memoryview(chunk) as data:
+            if self.max_bytes > 0 and len(data) >= keep:
+                self._size = 0
+                self._put(data[-keep:])
+                return
+            if self.max_bytes > 0 and self._size + len(data) > 2 * keep:
+                with memoryview(self._buffer) as view:
+                    view[:keep] = view[self._size - keep : self._size]
+                self._size = keep
+            self._put(data)
+
+    def _put(self, data: memoryview) -> None:
+        # Written through views: assigning a bytes object to a bytearray slice would copy
+        # it first.
+        room = min(len(self._buffer) - self._size, len(data))
+        with memoryview(self._buffer) as view:
+            view[self._size : self._size + room] = data[:room]
+        self._buffer += data[room:]
+        self._size += len(data)
+
+    def text(self) -> str:
+        """The tail as stored text (see :func:`decode_log`), behind a line
+        ``[... N bytes truncated ...]`` when N bytes before it were dropped.
+
+        Call it once, after the last chunk: it frees the buffer.
+        """
+        self._check_open()
+        with memoryview(self._buffer) as whole, whole[: self._size] as view:
+            start = 0
+            if 0 < self.max_bytes < len(view):
+                start = _next_char_start(view, len(view) - self.max_bytes)
+            dropped = self.seen - (len(view) - start)
+            kept = decode_log(view[start:])
+        # Freed before the marker is joined on, so that the buffer, its text and the
+        # joined copy are never all held at once.
+        self._buffer, self._size, self._ended = bytearray(), 0, True
+        return f"[... {dropped} bytes truncated ...]\n{kept}" if dropped else kept
+
+    def _check_open(self) -> None:
+        if self._ended:
+            raise RuntimeError("this LogTail's text() was taken already")
+
+
+def _next_char_start(data: memoryview, cut: int) -> int:
+    """``cut``, moved past the continuation bytes of a UTF-8 character it splits, so the
+    kept text does not open with the broken half of a character."""
+    lead = cut
+    while lead > max(0, cut - _LOOKBACK) and _is_continuation(data[lead]):
+        lead -= 1
+    if lead == cut or _is_continuation(data[lead]):
+        return cut
+    end = min(len(data), lead + _sequence_length(data[lead]))
+    while cut < end and _is_continuation(data[cut]):
+        cut += 1
+    return cut
+
+
+def _is_continuation(byte: int) -> bool:
+    return byte & 0xC0 == 0x80
+
+
+def _sequence_length(lead: int) -> int:
+    """How many bytes the UTF-8 character opened by ``lead`` has (1 if none)."""
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 1
+
+
 def truncate_tail(data: bytes, max_bytes: int) -> str:
-    """Decode the last ``max_bytes`` bytes of ``data``, marking what was cut."""
-    if max_bytes <= 0 or len(data) <= max_bytes:
-        return data.decode("utf-8", errors="replace")
-    cut = len(data) - max_bytes
-    return f"[... {cut} bytes truncated ...]\n" + data[cut:].decode("utf-8", errors="replace")
+    """The last ``max_bytes`` bytes of ``data`` as stored text, marking what was cut."""
+    tail = LogTail(max_bytes)
+    tail.feed(data)
+    return tail.text()

@@ -24,6 +24,7 @@ import urllib3.exceptions
 from ..exceptions import ExecutorError
 from .base import (
     ATTEMPT_LABEL,
+    INSTALLATION_LABEL,
     JOB_LABEL,
     WATCHED_EVENTS,
     ContainerEvent,
@@ -33,7 +34,8 @@ from .base import (
     ContainerState,
     EventStream,
     Executor,
-    truncate_tail,
+    LogTail,
+    StartFailed,
 )
 
 if TYPE_CHECKING:
@@ -192,20 +194,42 @@ class DockerExecutor(Executor):
 
     def start(self, spec: ContainerSpec) -> str:
         api = self.api
-        container_id = self._create(spec, pull_if_missing=spec.auto_pull)
         try:
+            container_id = self._create(spec, pull_if_missing=spec.auto_pull)
+        except ContainerExists:
+            if not self._replace_unstarted(spec.name):
+                raise
+            container_id = self._create(spec, pull_if_missing=spec.auto_pull)
+        try:
+            # By id: a launcher that was too slow and lost this attempt holds the id of a
+            # container that no longer exists, so its late start fails instead of running
+            # ours (or re-running one that already exited).
             api.start(container_id)
         except _CLIENT_ERRORS as exc:
-            # A created but never started container would hold the attempt's name and
-            # report exit code 0; remove it so the failure is the only trace. If even that
-            # fails, the label sweep finds it later: the start error is what matters here.
-            with contextlib.suppress(*_CLIENT_ERRORS):
-                api.remove_container(container_id, force=True, v=True)
-            raise ExecutorError(
-                f"Docker could not start container {spec.name}: {exc}", original=exc
+            raise StartFailed(
+                f"Docker could not start container {spec.name}: {exc}", spec.name, original=exc
             ) from exc
         self._started.add(spec.name)
         return container_id
+
+    def _replace_unstarted(self, name: str) -> bool:
+        """Remove this attempt's container if it was created and never started (its
+        launcher died, or was too slow and lost the attempt); True if it is gone.
+
+        Starting it instead could race the old launcher's own start and run it twice.
+        The removal is not forced, so the daemon refuses it once the container started:
+        then it is the attempt's container and the caller adopts it.
+        """
+        try:
+            data = self.api.inspect_container(name)
+            if (data.get("State") or {}).get("Status") != "created":
+                return False
+            self.api.remove_container(name, force=False, v=True)
+        except docker.errors.NotFound:
+            return True
+        except _CLIENT_ERRORS:
+            return False
+        return True
 
     def _create(self, spec: ContainerSpec, pull_if_missing: bool) -> str:
         api = self.api
@@ -269,6 +293,9 @@ class DockerExecutor(Executor):
             except docker.errors.NotFound:
                 return None
         state = data.get("State") or {}
+        if state.get("Status") == "removing":
+            # Being removed (``docker rm -f`` kills first, then removes): gone for the job.
+            return None
         running = bool(state.get("Running"))
         error = str(state.get("Error") or "")
         exit_code: int | None = None
@@ -327,47 +354,37 @@ class DockerExecutor(Executor):
 
     def logs(self, name: str, max_bytes: int) -> tuple[str, str]:
         try:
-            stdout, stderr = self._log_tails(name, max_bytes)
+            # Each tail becomes text at once: its buffer is gone before the next stream.
+            stdout = self._log_tail(name, True, max_bytes).text()
+            stderr = self._log_tail(name, False, max_bytes).text()
         except _ContainerGone:
             return "", ""
-        return truncate_tail(stdout, max_bytes), truncate_tail(stderr, max_bytes)
+        return stdout, stderr
 
-    def _log_tails(self, name: str, max_bytes: int) -> tuple[bytes, bytes]:
-        # The daemon cuts logs by lines, not bytes, and its ``tail`` counts the lines of
-        # both streams together before it filters one out. So we first ask each stream
-        # for the last `window` lines of the whole log, enough to fill max_bytes when lines
-        # average 16 bytes. When those lines are the whole log, we have everything. When
-        # not, a stream still short of max_bytes (short lines, or crowded out by the other
-        # stream) is asked again alone with a window 16 and 256 times larger, then for all
-        # of it. The price: the first reads move up to about 16 times max_bytes (more if
-        # lines are long) instead of gigabytes; a stream that stays sparse deep into a huge
-        # log is read whole, though only its own bytes cross the socket.
-        if max_bytes <= 0:
-            return self._read_logs(name, True, "all"), self._read_logs(name, False, "all")
-        window = max(1000, max_bytes // 16)
-        stdout = self._read_logs(name, True, window)
-        stderr = self._read_logs(name, False, window)
-        if _line_count(stdout) + _line_count(stderr) < window:
-            return stdout, stderr
-        return (
-            self._widen(name, True, stdout, window, max_bytes),
-            self._widen(name, False, stderr, window, max_bytes),
-        )
-
-    def _widen(self, name: str, stdout: bool, data: bytes, window: int, max_bytes: int) -> bytes:
-        for factor in (16, 256):
-            if len(data) >= max_bytes:
-                return data
-            data = self._read_logs(name, stdout, window * factor)
-        return data if len(data) >= max_bytes else self._read_logs(name, stdout, "all")
-
-    def _read_logs(self, name: str, stdout: bool, tail: int | str) -> bytes:
+    def _log_tail(self, name: str, stdout: bool, max_bytes: int) -> LogTail:
+        # The daemon can only cut a log by entries, and counts those of both streams
+        # together, so each stream is read alone, through to its end, into a tail buffer.
+        # Without a TTY the SDK yields one frame per log entry (16 KiB at most), so memory
+        # stays bounded whatever the container printed.
+        tail = LogTail(max_bytes)
         with self._translate(f"logs of {name}"):
             try:
-                data = self.api.logs(name, stdout=stdout, stderr=not stdout, tail=tail)
+                stream = self.api.logs(
+                    name, stdout=stdout, stderr=not stdout, stream=True, follow=False
+                )
             except docker.errors.NotFound as exc:
                 raise _ContainerGone from exc
-        return data if isinstance(data, bytes) else bytes(data)
+            # The SDK's wrapper ends quietly when the connection breaks, which would store
+            # a partial log as if complete; its inner generator raises instead. (If the SDK
+            # renames it, reads fall back to the wrapper.)
+            frames = getattr(stream, "_stream", stream)
+            try:
+                for frame in frames:
+                    tail.feed(frame)
+            finally:
+                with contextlib.suppress(*_CLIENT_ERRORS, AttributeError):
+                    stream.close()
+        return tail
 
     def stop(self, name: str, timeout: float = 5) -> None:
         with self._translate(f"stop of {name}"):
@@ -400,9 +417,13 @@ class DockerExecutor(Executor):
             raw = self.api.events(since=int(since) if since else None, filters=filters, decode=True)
         return _DockerEventStream(raw)
 
-    def list_job_containers(self) -> list[ContainerInfo]:
+    def list_job_containers(self, installation: str | None = None) -> list[ContainerInfo]:
+        # Several label filters must all match: the daemon does the selection.
+        wanted = [JOB_LABEL]
+        if installation is not None:
+            wanted.append(f"{INSTALLATION_LABEL}={installation}")
         with self._translate("container listing"):
-            found = self.api.containers(all=True, filters={"label": JOB_LABEL})
+            found = self.api.containers(all=True, filters={"label": wanted})
         result = []
         for entry in found:
             labels = entry.get("Labels") or {}
@@ -418,6 +439,7 @@ class DockerExecutor(Executor):
                     job_id=str(labels.get(JOB_LABEL, "")),
                     attempt=attempt,
                     running=entry.get("State") == "running",
+                    installation=str(labels.get(INSTALLATION_LABEL, "")),
                 )
             )
         return result
@@ -473,10 +495,6 @@ def _event_from(entry: Any) -> ContainerEvent | None:
 
 def _never_tty(container: Any) -> bool:
     return False
-
-
-def _line_count(data: bytes) -> int:
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
 class _ContainerGone(Exception):

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from ..exceptions import ExecutorError
 from .base import (
     ATTEMPT_LABEL,
+    INSTALLATION_LABEL,
     JOB_LABEL,
     ContainerEvent,
     ContainerExists,
@@ -41,10 +42,17 @@ class FakeRun:
     """What a fake container does: run for ``runs_for`` seconds, print, exit."""
 
     exit_code: int = 0
-    stdout: str = ""
-    stderr: str = ""
+    # Bytes stand for output that is not valid UTF-8.
+    stdout: str | bytes = ""
+    stderr: str | bytes = ""
     # float("inf") runs until stopped or finished by hand.
     runs_for: float = 0.0
+
+
+def _raw(output: str | bytes) -> bytes:
+    # surrogatepass: a lone surrogate in a test's text becomes invalid UTF-8 bytes, stored
+    # by the same rule as a real container's, instead of failing the read.
+    return output if isinstance(output, bytes) else output.encode("utf-8", "surrogatepass")
 
 
 def exit_at_once(spec: ContainerSpec) -> FakeRun:
@@ -100,6 +108,8 @@ class MemoryExecutor(Executor):
     def __init__(self, behaviour: Callable[[ContainerSpec], FakeRun] | None = None) -> None:
         self.behaviour: Callable[[ContainerSpec], FakeRun] = behaviour or exit_at_once
         self.start_error: BaseException | None = None
+        # Set to make stop() fail, as a daemon that stopped answering would.
+        self.stop_error: BaseException | None = None
         self.started: list[ContainerSpec] = []
         self.stopped: list[str] = []
         self.removed: list[str] = []
@@ -171,12 +181,14 @@ class MemoryExecutor(Executor):
                 return "", ""
             run = container.run
         return (
-            truncate_tail(run.stdout.encode(), max_bytes),
-            truncate_tail(run.stderr.encode(), max_bytes),
+            truncate_tail(_raw(run.stdout), max_bytes),
+            truncate_tail(_raw(run.stderr), max_bytes),
         )
 
     def stop(self, name: str, timeout: float = 5) -> None:
         with self._changed:
+            if self.stop_error is not None:
+                raise ExecutorError(str(self.stop_error), original=self.stop_error)
             container = self._find(name)
             if container is None:
                 return
@@ -193,13 +205,15 @@ class MemoryExecutor(Executor):
             del self._containers[container.spec.name]
             self._changed.notify_all()
 
-    def list_job_containers(self) -> list[ContainerInfo]:
+    def list_job_containers(self, installation: str | None = None) -> list[ContainerInfo]:
         with self._changed:
             now = time.monotonic()
             result = []
             for name, container in self._containers.items():
                 labels = container.spec.labels
                 if JOB_LABEL not in labels:
+                    continue
+                if installation is not None and labels.get(INSTALLATION_LABEL) != installation:
                     continue
                 try:
                     attempt = int(labels.get(ATTEMPT_LABEL) or 0)
@@ -212,6 +226,7 @@ class MemoryExecutor(Executor):
                         job_id=labels[JOB_LABEL],
                         attempt=attempt,
                         running=container.exit_code(now) is None,
+                        installation=labels.get(INSTALLATION_LABEL, ""),
                     )
                 )
             return result
@@ -280,6 +295,7 @@ class MemoryExecutor(Executor):
             self.removed.clear()
             self.behaviour = exit_at_once
             self.start_error = None
+            self.stop_error = None
             self._changed.notify_all()
 
 

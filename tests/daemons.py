@@ -1,0 +1,115 @@
+"""A second Docker daemon beside the main one, for tests where hosts matter.
+
+It has its own socket, data root, exec root and pid file, runs with ``--live-restore`` (so
+its containers survive while it is stopped, as on a production host whose daemon
+restarts), and gets the test image copied from the main daemon (images are per daemon).
+Only the dockerd started here is ever signalled, by its PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+
+DOCKERD = "/usr/sbin/dockerd"
+
+
+class SecondDaemon:
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.dir = Path(tempfile.mkdtemp(prefix="dcc-d2-"))
+        self.socket = self.dir / "docker.sock"
+        self.log_path = self.dir / "dockerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def client(self) -> Any:
+        return docker.DockerClient(base_url=self.url, timeout=30)
+
+    def start(self) -> None:
+        assert Path(DOCKERD).exists(), f"{DOCKERD} is missing: run bash scripts/services.sh docker"
+        argv = [
+            DOCKERD,
+            "-H",
+            self.url,
+            f"--data-root={self.dir / 'root'}",
+            f"--exec-root={self.dir / 'exec'}",
+            f"--pidfile={self.dir / 'docker.pid'}",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--storage-driver=vfs",
+            "--live-restore",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"second dockerd exited:\n{self.log_tail()}"
+            with contextlib.suppress(Exception):
+                if self.client().ping():
+                    return
+            time.sleep(0.3)
+        raise AssertionError(f"second dockerd did not answer within 60 s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the daemon (SIGTERM, by PID); with live-restore its containers run on."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def load_image(self, main: Any) -> None:
+        data = b"".join(main.images.get(self.image).save(named=True))
+        self.client().images.load(data)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def remove_all(self) -> None:
+        with contextlib.suppress(Exception):
+            client = self.client()
+            for container in client.containers.list(all=True):
+                container.remove(force=True)
+
+
+@contextlib.contextmanager
+def second_daemon(image: str, main: Any) -> Iterator[SecondDaemon]:
+    daemon = SecondDaemon(image)
+    daemon.start()
+    try:
+        daemon.load_image(main)
+        yield daemon
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            with contextlib.suppress(AssertionError):
+                daemon.start()  # to remove what it still runs
+        daemon.remove_all()
+        daemon.stop()
+        shutil.rmtree(daemon.dir, ignore_errors=True)
