@@ -232,9 +232,9 @@ def _claim(
 ) -> ContainerJob | None:
     """Run one claim: serialize, place, then the UPDATE of the row ``choose`` selects."""
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
-    now = database_now()
     with transaction.atomic():
         _serialize_claims()
+        now = database_now()  # after the wait for the lock, so the lease is not shortened
         free_hosts, default_host = _placement()
         builder = _ClaimSQL()
         chosen = choose(builder, now, free_hosts, default_host, limit)

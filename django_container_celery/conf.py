@@ -22,7 +22,8 @@ DEFAULTS: dict[str, Any] = {
     # the launch over and continues the same attempt (same container name).
     "LAUNCH_TIMEOUT": 900,
     # A job whose finishing fails this many times in a row (the database refuses the row,
-    # the daemon keeps erroring) ends failed with the reason instead of staying running.
+    # or another unexpected error repeats) ends failed with the reason instead of staying
+    # running. A daemon that does not answer does not count: its jobs wait for it.
     "FINISH_TRIES": 5,
     # Seconds between beat's runs of dispatch_ready_jobs (and rescue_stale_jobs).
     "DISPATCH_INTERVAL": 5,

@@ -18,14 +18,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.utils import timezone
-
 from . import states
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import Executor
 from .masking import mask_text, masked_exception
-from .models import ContainerJob
+from .models import ContainerJob, database_now
 from .outcomes import End, Ending
 from .retry import get_retry_decision, launch_error_type
 from .signals import attempt_ended
@@ -86,7 +84,7 @@ def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[s
 
 def _cancel_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {
-        "completed_at": timezone.now(),
+        "completed_at": database_now(),
         "claimed_by": "",
         "lease_expires_at": None,
         **fields,
@@ -127,7 +125,9 @@ def give_up(job: ContainerJob, error: str) -> bool:
     """Fail a job whose finishing keeps failing, without its logs (which may be the cause).
 
     Whoever holds the claim now could not finish it either, so the write is conditional
-    on the attempt and status read here, not on the claim the caller once read.
+    on the attempt and status read here, not on the claim the caller once read. Its
+    container may still run, so the job keeps its slot (``stop_pending``) until the
+    reconcile pass has seen it stopped.
     """
     ending = Ending(End.UNFINISHABLE, error=error)
     attempt = job.attempt
@@ -135,7 +135,7 @@ def give_up(job: ContainerJob, error: str) -> bool:
         job.refresh_from_db(fields=["status", "claimed_by", "attempt"])
         if job.attempt != attempt or job.status not in states.ACTIVE:
             return False
-        return end_attempt(job, ending)
+        return end_attempt(job, ending, stop_pending=True)
     except Exception as exc:
         logger.error(
             "job %s: could not even be failed; trying again later",

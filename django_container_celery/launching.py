@@ -100,6 +100,8 @@ def launch_claimed(
     job: ContainerJob,
     executor: Executor,
     on_started: Callable[[ContainerJob, str], None] | None = None,
+    *,
+    replaced: bool = False,
 ) -> LaunchOutcome:
     """Start the container of the job's current attempt and record it as running.
 
@@ -113,14 +115,13 @@ def launch_claimed(
             container_id = executor.start(spec)
         adopted = False
     except ContainerExists as exists:
+        if exists.unstarted and not replaced and _replace_unstarted(job, executor, exists.name):
+            return launch_claimed(job, executor, on_started, replaced=True)
         # This attempt's container was started before (a redelivered message, or a
         # rescue): follow that one rather than start another.
         container_id, adopted = exists.container_id, True
     except StartFailed as exc:
-        # Ours to remove only while the claim holds: a new owner may have started it.
-        if renew_lease(job):
-            _discard(executor, exc.name)
-        return record_launch_failure(job, exc)
+        return _start_failed(job, executor, exc)
     except Exception as exc:
         return record_launch_failure(job, exc)
     if on_started is not None:
@@ -131,20 +132,46 @@ def launch_claimed(
     try:
         job.mark_as_running(as_claimant=True, execution_id=container_id)
     except TransitionConflict:
-        return _claim_lost(job, executor)
+        return _claim_lost(job, executor, "" if adopted else container_id)
     return LaunchOutcome(True, adopted=adopted)
 
 
-def _claim_lost(job: ContainerJob, executor: Executor) -> LaunchOutcome:
-    """Our claim moved on while we started the container: leave the row as it is."""
+def _replace_unstarted(job: ContainerJob, executor: Executor, name: str) -> bool:
+    """Remove the attempt's never-started container, only while our claim holds.
+
+    A launcher whose claim moved on must leave it: it may be the new owner's, about to
+    start. Starting it ourselves instead could race its first launcher's start and run
+    the attempt twice.
+    """
+    return renew_lease(job) and executor.remove_unstarted(name)
+
+
+def _start_failed(job: ContainerJob, executor: Executor, exc: StartFailed) -> LaunchOutcome:
+    if exc.gone:
+        # Removed between our create and our start: the attempt vanished.
+        end_attempt(job, Ending(End.VANISHED, error=_describe(exc)))
+        return LaunchOutcome(False, mask_text(_describe(exc), job.environment))
+    stop_pending = False
+    if renew_lease(job):  # ours to remove only while the claim holds
+        # By id: the name may already belong to a replacement the new owner started.
+        stop_pending = not _discard(executor, exc.container_id or exc.name)
+    return record_launch_failure(job, exc, stop_pending=stop_pending)
+
+
+def _claim_lost(job: ContainerJob, executor: Executor, started_id: str) -> LaunchOutcome:
+    """Our claim moved on while we started the container: leave the row as it is.
+
+    ``started_id`` is the container this call created ("" when it adopted one): only that
+    one may be removed, by id, since the attempt's name may now be someone else's.
+    """
     attempt = job.attempt
     job.refresh_from_db()
     if job.status in states.ACTIVE and job.attempt == attempt:
         # Another owner took this attempt over and adopted the container: it is theirs.
         logger.warning("job %s: claim lost while launching; the new owner keeps it", job.pk)
-    else:
+    elif started_id:
         logger.warning("job %s: claim lost while launching; removing its container", job.pk)
-        _discard(executor, job.container_name)
+        _discard(executor, started_id)
     if job.is_final:
         # Cancelled meanwhile: publish the outcome again, after the RUNNING report above.
         announce(job)
@@ -184,15 +211,22 @@ def keep_leased(job: ContainerJob) -> Iterator[None]:
         renewer.join(5)
 
 
-def record_launch_failure(job: ContainerJob, exc: BaseException) -> LaunchOutcome:
-    """End an attempt whose launch failed: retried when transient, failed when permanent."""
+def record_launch_failure(
+    job: ContainerJob, exc: BaseException, *, stop_pending: bool = False
+) -> LaunchOutcome:
+    """End an attempt whose launch failed: retried when transient, failed when permanent.
+
+    ``stop_pending``: a container of the attempt may be left (its removal failed), so the
+    job keeps its slot, and takes no new attempt, until the reconcile pass stops it.
+    """
     ending = Ending(
         End.LAUNCH_FAILED,
         error=_describe(exc),
         exception=exc,
         refused=isinstance(exc, LaunchRefused),
     )
-    if not end_attempt(job, ending):
+    fields: dict[str, Any] = {"stop_pending": True} if stop_pending else {}
+    if not end_attempt(job, ending, **fields):
         return LaunchOutcome(False, mask_text(ending.error, job.environment))
     message = mask_text(job.last_error, job.environment)
     logger.info("job %s: %s -> %s", job.pk, message, job.status)
@@ -212,8 +246,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(original).__name__}: {original}"
 
 
-def _discard(executor: Executor, name: str) -> None:
+def _discard(executor: Executor, name_or_id: str) -> bool:
     try:
-        executor.remove(name)
+        executor.remove(name_or_id)
     except ExecutorError:
-        logger.exception("could not remove container %s", name)
+        logger.exception("could not remove container %s", name_or_id)
+        return False
+    return True

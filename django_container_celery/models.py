@@ -103,6 +103,17 @@ class ExecutorHost(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # unreachable_since is the watcher's: a form saving a row it loaded earlier must not
+        # write back a stale value.
+        if not self._state.adding and kwargs.get("update_fields") is None:
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name != "unreachable_since"
+            ]
+        super().save(*args, **kwargs)
+
     def active_job_count(self) -> int:
         """Slots in use: jobs launching or running, and ended jobs whose container could not
         be stopped yet."""
@@ -608,7 +619,8 @@ class ContainerJob(models.Model):
         self.transition_to(
             Status.COMPLETED,
             as_claimant=as_claimant,
-            completed_at=timezone.now(),
+            # The same clock as started_at, so that durations hold under clock skew.
+            completed_at=database_now(),
             **{**_CLEARED_CLAIM, **fields},
         )
 
@@ -634,25 +646,26 @@ class ContainerJob(models.Model):
                     decision.delay, error=error, as_claimant=as_claimant, **fields
                 )
                 return
-        error_fields = _error_fields(error)
+        now = database_now()
         self.transition_to(
             Status.FAILED,
             as_claimant=as_claimant,
-            completed_at=timezone.now(),
-            **{**error_fields, **_CLEARED_CLAIM, **fields},
+            completed_at=now,
+            **{**_error_fields(error, now), **_CLEARED_CLAIM, **fields},
         )
 
     def mark_as_retrying(
         self, delay: float, error: str = "", *, as_claimant: bool = False, **fields: Any
     ) -> None:
         """Schedule the next attempt ``delay`` seconds from now (one more retry counted)."""
+        now = database_now()
         self.transition_to(
             Status.RETRYING,
             as_claimant=as_claimant,
             retry_count=self.retry_count + 1,
-            scheduled_for=database_now() + timedelta(seconds=delay),
+            scheduled_for=now + timedelta(seconds=delay),
             # The message that ran this attempt is used up: dispatch sends the next.
-            **{**_error_fields(error), **_CLEARED_CLAIM, "dispatched_at": None, **fields},
+            **{**_error_fields(error, now), **_CLEARED_CLAIM, "dispatched_at": None, **fields},
         )
 
     # -- Celery-style API ---------------------------------------------------------------
@@ -698,8 +711,8 @@ class ContainerJob(models.Model):
 _CLEARED_CLAIM: dict[str, Any] = {"claimed_by": "", "claimed_at": None, "lease_expires_at": None}
 
 
-def _error_fields(error: str) -> dict[str, Any]:
-    return {"last_error": error, "last_error_at": timezone.now()} if error else {}
+def _error_fields(error: str, now: datetime) -> dict[str, Any]:
+    return {"last_error": error, "last_error_at": now} if error else {}
 
 
 # -- what save() may write ------------------------------------------------------------------

@@ -43,13 +43,20 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    InterfaceError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models import Q
 from django.db.models.functions import Now
 
 from . import claims, following, states
 from .conf import app_settings
-from .exceptions import ExecutorError, TransitionConflict
+from .exceptions import ExecutorError, InvalidTransition, TransitionConflict
 from .executors import executor_for
 from .executors.base import ContainerEvent, ContainerInfo, EventStream, Executor
 from .finishing import finish, give_up, remove_container
@@ -90,11 +97,11 @@ def target_key(target: Target) -> int:
 def watch_targets() -> list[Target]:
     """Targets that may have running jobs: active hosts, hosts that still hold jobs, and
     the default Docker host when there are no hosts or jobs run there."""
-    active = Q(assigned_jobs__status__in=states.ACTIVE)
-    pks = ExecutorHost.objects.filter(Q(is_active=True) | active).values_list("pk", flat=True)
+    holding = Q(assigned_jobs__status__in=states.ACTIVE) | Q(assigned_jobs__stop_pending=True)
+    pks = ExecutorHost.objects.filter(Q(is_active=True) | holding).values_list("pk", flat=True)
     hosts: list[Target] = [int(pk) for pk in sorted(set(pks))]
     use_default = not hosts or (
-        ContainerJob.objects.active().filter(assigned_host__isnull=True).exists()
+        ContainerJob.objects.holding_slots().filter(assigned_host__isnull=True).exists()
     )
     return [None, *hosts] if use_default else hosts
 
@@ -196,10 +203,16 @@ def reconcile(
     """
     done = Reconciled()
     for job_id in claims.stale_job_ids(host_id=target):
+        if job_id in _launching_here:
+            continue  # its launch continues in a thread of this process
         job = claims.take_over(job_id, watcher_id)
         if job is None:
             continue
         done.rescued += 1
+        if lead and job.status == Status.LAUNCHING:
+            # A launch can take long (a pull, a slow daemon): never block the watcher.
+            _adopt_in_background(job, executor)
+            continue
         if _isolated(job, following.adopt, job, executor) is following.Progress.FINISHED:
             done.finished += 1
     if lead:
@@ -231,8 +244,32 @@ def reconcile(
             done.finished += 1
     own = installation_id()
     done.stopped = _stop_strays([i for i in listed if i.installation == own], executor, remove)
-    _release_stopped(target, alive)
+    done.stopped += _release_stopped(target, executor, remove)
     return done
+
+
+# Launches taken over by this process that continue in a thread of their own.
+_launching_here: set[Any] = set()
+_launching_lock = threading.Lock()
+
+
+def _adopt_in_background(job: ContainerJob, executor: Executor) -> None:
+    with _launching_lock:
+        if job.pk in _launching_here:
+            return
+        _launching_here.add(job.pk)
+
+    def run() -> None:
+        try:
+            _isolated(job, following.adopt, job, executor)
+        except Exception:
+            logger.exception("job %s: continuing its launch failed", job.pk)
+        finally:
+            with _launching_lock:
+                _launching_here.discard(job.pk)
+            connection.close()  # this thread's own connection
+
+    threading.Thread(target=run, name="dcc-watcher-launch", daemon=True).start()
 
 
 def _mark_reachable(target: Target, reachable: bool) -> None:
@@ -247,13 +284,30 @@ def _mark_reachable(target: Target, reachable: bool) -> None:
         hosts.filter(unreachable_since__isnull=True).update(unreachable_since=Now())
 
 
-def _release_stopped(target: Target, alive: set[str]) -> None:
-    """Give back the slots of ended jobs whose container could not be stopped earlier and
-    no longer runs (stopped by this pass, or exited)."""
+def _release_stopped(target: Target, executor: Executor, remove: Remover | None = None) -> int:
+    """Stop the containers of ended jobs that could not be stopped before (the host did
+    not answer), and give their slots back once each is seen not running.
+
+    Each one is looked at by name now, not judged from the pass's listing, which is older
+    than the rows read here. Returns how many slots were given back.
+    """
+    released = 0
     pending = ContainerJob.objects.filter(claims.on_host(target), stop_pending=True)
-    for pk, attempt in pending.values_list("pk", "attempt"):
-        if container_name(pk, attempt) not in alive:
-            ContainerJob.objects.filter(pk=pk, attempt=attempt).update(stop_pending=False)
+    for pk, attempt, status in pending.values_list("pk", "attempt", "status"):
+        name = container_name(pk, attempt)
+        try:
+            state = executor.inspect(name)
+            if state is not None and state.running:
+                logger.warning("container %s of ended job %s runs: stopping it", name, pk)
+                executor.stop(name, timeout=5)
+        except ExecutorError:
+            continue  # still unreachable: the slot stays taken
+        if status in states.FINAL and not app_settings.KEEP_CONTAINERS:
+            (remove or remove_container)(executor, name)
+        released += ContainerJob.objects.filter(pk=pk, attempt=attempt, stop_pending=True).update(
+            stop_pending=False
+        )
+    return released
 
 
 # Failures in a row of one attempt's finishing, by (job id, attempt): after FINISH_TRIES
@@ -266,14 +320,20 @@ def _isolated(job: ContainerJob, step: Callable[..., Any], *args: Any) -> Any:
     """Run one job's step so that a failure of that job never stops the others'.
 
     A lost database connection still ends the pass. Any other failure is counted: a job
-    whose step keeps failing (the database refuses its row, the daemon keeps erroring)
+    whose step keeps failing (the database refuses its row, or another error repeats)
     ends failed after ``FINISH_TRIES`` tries.
     """
     key = (job.pk, job.attempt)
+    # Inside a caller's transaction, a savepoint keeps one job's database error from
+    # aborting the whole transaction (and so every later job of the pass).
+    scope = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
     try:
-        result = step(*args)
+        with scope:
+            result = step(*args)
     except (OperationalError, InterfaceError):
         raise
+    except (TransitionConflict, InvalidTransition):
+        return None  # someone else moved the job on: nothing failed here
     except Exception as exc:
         with _failures_lock:
             count = _failures[key] = _failures.get(key, 0) + 1

@@ -170,15 +170,30 @@ def test_a_start_that_fails_leaves_the_created_container_to_the_caller(
     assert [c.status for c in containers_named(docker_client, spec.name)] == ["created"]
 
 
-def test_a_created_but_never_started_container_is_replaced_not_started(
+def test_a_created_but_never_started_container_is_reported_and_can_be_replaced(
     executor: DockerExecutor, make_spec: SpecFactory, docker_client: Any
 ) -> None:
     spec = make_spec(["sh", "-c", "echo ran"])
     stale = docker_client.api.create_container(spec.image, command=["true"], name=spec.name)
+    with pytest.raises(ContainerExists) as caught:
+        executor.start(spec)
+    assert caught.value.unstarted and caught.value.container_id == stale["Id"]
+    assert executor.remove_unstarted(spec.name)
     container_id = executor.start(spec)
-    assert container_id != stale["Id"]
     assert [c.id for c in containers_named(docker_client, spec.name)] == [container_id]
     assert executor.wait(spec.name, 30) == 0
+
+
+def test_a_started_container_is_never_removed_as_unstarted(
+    executor: DockerExecutor, make_spec: SpecFactory, docker_client: Any
+) -> None:
+    spec = make_spec(["sleep", "30"])
+    executor.start(spec)
+    with pytest.raises(ContainerExists) as caught:
+        executor.start(spec)
+    assert not caught.value.unstarted
+    assert not executor.remove_unstarted(spec.name)
+    assert [c.status for c in containers_named(docker_client, spec.name)] == ["running"]
 
 
 def test_limits_are_applied_and_never_privileged(

@@ -6,6 +6,7 @@ preloaded fake clock, the Docker API, a stopped dockerd.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +26,8 @@ from django_container_celery.executors.base import JOB_LABEL
 from django_container_celery.models import ContainerJob, ExecutorHost, database_now
 from django_container_celery.states import Status
 
-from .celery_support import ROOT, celery_cluster, test_database_url, wait_for
+from .celery_support import ROOT, celery_cluster, wait_for
+from .celery_support import test_database_url as database_url_for_tests
 from .daemons import second_daemon
 from .docker_proxy import DockerProxy
 
@@ -160,6 +162,42 @@ def test_a_launch_slower_than_its_lease_ends_with_one_container(
         assert most_running_at_once(events) == 1
 
 
+# -- a container created and never started ---------------------------------------------------
+
+
+def test_an_unstarted_container_is_replaced_only_while_the_claim_holds(
+    test_image: str, docker_client: Any
+) -> None:
+    from django_container_celery import claims
+    from django_container_celery.executors.docker import DockerExecutor
+    from django_container_celery.launching import launch_claimed
+
+    executor = DockerExecutor(app_settings.DEFAULT_DOCKER_HOST)
+    job = ContainerJob.objects.create_job(docker_image=test_image, command="sh -c 'echo new'")
+    job.mark_as_queued()
+    mine = claims.claim_next("launcher")
+    assert mine is not None
+    # A first launcher created the attempt's container and died before starting it.
+    docker_client.api.create_container(test_image, command=["true"], name=mine.container_name)
+    try:
+        # A launcher that lost its claim leaves that container alone...
+        stale_view = ContainerJob.objects.get(pk=job.pk)
+        ContainerJob.objects.filter(pk=job.pk).update(claimed_by="someone-else")
+        assert not launch_claimed(stale_view, executor).success
+        assert [
+            c.status
+            for c in docker_client.containers.list(all=True, filters={"name": mine.container_name})
+        ] == ["created"]
+        # ...while the owner replaces it and runs the attempt once.
+        ContainerJob.objects.filter(pk=job.pk).update(claimed_by="launcher")
+        assert launch_claimed(mine, executor).success
+        assert executor.wait(mine.container_name, 30) == 0
+        assert executor.logs(mine.container_name, 1000)[0] == "new\n"
+    finally:
+        with contextlib.suppress(Exception):
+            docker_client.api.remove_container(mine.container_name, force=True)
+
+
 # -- a worker whose clock runs two minutes fast --------------------------------------------
 
 
@@ -179,7 +217,7 @@ def run_with_fast_clock(script: str, seconds: int = 120) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(
         DJANGO_SETTINGS_MODULE="tests.settings",
-        DATABASE_URL=test_database_url(),
+        DATABASE_URL=database_url_for_tests(),
         PYTHONPATH=str(ROOT),
         LD_PRELOAD=str(FAKETIME_LIB),
         FAKETIME=f"+{seconds}s",

@@ -185,7 +185,7 @@ def test_a_timeout_kill_that_fails_keeps_the_job_and_its_slot_until_it_succeeds(
     mem.stop_error = RuntimeError("daemon does not answer")
     job = launched(mem, timeout_seconds=1)
     watchers("w1", reconcile_interval=0.2)
-    time.sleep(2.5)  # past the timeout, several passes that fail to kill
+    wait_for(lambda: mem.stop_failures >= 3, 15, message="no pass tried to kill it")
     assert status_of(job) == Status.RUNNING
     assert mem.running_names() == [job.container_name]
     assert ContainerJob.objects.holding_slots().count() == 1
@@ -205,9 +205,11 @@ def test_a_cancel_whose_stop_fails_keeps_the_slot_until_the_pass_stops_it(
     row = ContainerJob.objects.get(pk=job.pk)
     assert (row.status, row.stop_pending) == (Status.CANCELLED, True)
     assert ContainerJob.objects.holding_slots().count() == 1
+    refused = mem.stop_failures
     watchers("w1", reconcile_interval=0.2)
-    time.sleep(1)
-    assert mem.running_names() == [job.container_name]  # still failing to stop
+    wait_for(lambda: mem.stop_failures >= refused + 2, 15, message="no pass tried to stop it")
+    assert mem.running_names() == [job.container_name]
+    assert ContainerJob.objects.get(pk=job.pk).stop_pending
     mem.stop_error = None
     wait_for(
         lambda: not ContainerJob.objects.get(pk=job.pk).stop_pending,

@@ -92,21 +92,39 @@ WATCHED_EVENTS = ("die", "oom", "destroy")
 
 
 class ContainerExists(ExecutorError):
-    """A container with the spec's name exists already: this attempt was started before."""
+    """A container with the spec's name exists already: this attempt was started before.
 
-    def __init__(self, name: str, container_id: str = "") -> None:
+    ``unstarted``: it was created and never started (its launcher died, or was too slow
+    and lost the attempt); the caller may replace it while its claim holds.
+    """
+
+    def __init__(self, name: str, container_id: str = "", unstarted: bool = False) -> None:
         super().__init__(f"A container named {name} already exists")
         self.name = name
         self.container_id = container_id
+        self.unstarted = unstarted
 
 
 class StartFailed(ExecutorError):
     """The container was created but did not start. It is left in place: only the caller
-    knows whether its claim still holds, and so whether the container is its to remove."""
+    knows whether its claim still holds, and so whether the container is its to remove.
 
-    def __init__(self, message: str, name: str, original: BaseException | None = None) -> None:
+    ``gone``: the container no longer existed when it was to be started (someone removed
+    it in between).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        name: str,
+        container_id: str = "",
+        gone: bool = False,
+        original: BaseException | None = None,
+    ) -> None:
         super().__init__(message, original=original)
         self.name = name
+        self.container_id = container_id
+        self.gone = gone
 
 
 class Executor(abc.ABC):
@@ -140,6 +158,11 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def remove(self, name: str) -> None:
         """Remove the container, forcing it if running; no error if gone."""
+
+    def remove_unstarted(self, name: str) -> bool:
+        """Remove the container only if it was created and never started; True if it is
+        gone. A runtime without that state keeps the default: never."""
+        return False
 
     @abc.abstractmethod
     def list_job_containers(self, installation: str | None = None) -> list[ContainerInfo]:

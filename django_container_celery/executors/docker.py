@@ -194,32 +194,33 @@ class DockerExecutor(Executor):
 
     def start(self, spec: ContainerSpec) -> str:
         api = self.api
-        try:
-            container_id = self._create(spec, pull_if_missing=spec.auto_pull)
-        except ContainerExists:
-            if not self._replace_unstarted(spec.name):
-                raise
-            container_id = self._create(spec, pull_if_missing=spec.auto_pull)
+        container_id = self._create(spec, pull_if_missing=spec.auto_pull)
         try:
             # By id: a launcher that was too slow and lost this attempt holds the id of a
-            # container that no longer exists, so its late start fails instead of running
-            # ours (or re-running one that already exited).
+            # container that may have been replaced since, so its late start fails instead
+            # of running the new owner's container.
             api.start(container_id)
+        except docker.errors.NotFound as exc:
+            raise StartFailed(
+                f"Container {spec.name} was removed before it could start: {exc}",
+                spec.name,
+                container_id,
+                gone=True,
+                original=exc,
+            ) from exc
         except _CLIENT_ERRORS as exc:
             raise StartFailed(
-                f"Docker could not start container {spec.name}: {exc}", spec.name, original=exc
+                f"Docker could not start container {spec.name}: {exc}",
+                spec.name,
+                container_id,
+                original=exc,
             ) from exc
         self._started.add(spec.name)
         return container_id
 
-    def _replace_unstarted(self, name: str) -> bool:
-        """Remove this attempt's container if it was created and never started (its
-        launcher died, or was too slow and lost the attempt); True if it is gone.
-
-        Starting it instead could race the old launcher's own start and run it twice.
-        The removal is not forced, so the daemon refuses it once the container started:
-        then it is the attempt's container and the caller adopts it.
-        """
+    def remove_unstarted(self, name: str) -> bool:
+        # Not forced: the daemon refuses once the container started, and then it is the
+        # attempt's container, to adopt.
         try:
             data = self.api.inspect_container(name)
             if (data.get("State") or {}).get("Status") != "created":
@@ -264,7 +265,10 @@ class DockerExecutor(Executor):
             return self._create(spec, pull_if_missing=False)
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
-                raise ContainerExists(spec.name, self._id_of(spec.name)) from exc
+                container_id, status = self._existing(spec.name)
+                raise ContainerExists(
+                    spec.name, container_id, unstarted=status == "created"
+                ) from exc
             raise ExecutorError(
                 f"Docker could not create container {spec.name}: {exc}", original=exc
             ) from exc
@@ -280,11 +284,13 @@ class DockerExecutor(Executor):
         with self._translate(f"pull of {image}"):
             self.client.images.pull(image)
 
-    def _id_of(self, name: str) -> str:
+    def _existing(self, name: str) -> tuple[str, str]:
+        """(id, status) of the container holding ``name``; ("", "") if it went away."""
         try:
-            return str(self.api.inspect_container(name)["Id"])
+            data = self.api.inspect_container(name)
         except _CLIENT_ERRORS:
-            return ""  # removed in between: the conflict still stands for the caller
+            return "", ""  # removed in between: the conflict still stands for the caller
+        return str(data.get("Id", "")), str((data.get("State") or {}).get("Status") or "")
 
     def inspect(self, name: str) -> ContainerState | None:
         with self._translate(f"inspect of {name}"):

@@ -108,8 +108,10 @@ class MemoryExecutor(Executor):
     def __init__(self, behaviour: Callable[[ContainerSpec], FakeRun] | None = None) -> None:
         self.behaviour: Callable[[ContainerSpec], FakeRun] = behaviour or exit_at_once
         self.start_error: BaseException | None = None
-        # Set to make stop() fail, as a daemon that stopped answering would.
+        # Set to make stop() fail, as a daemon that stopped answering would; each refused
+        # stop is counted in stop_failures.
         self.stop_error: BaseException | None = None
+        self.stop_failures = 0
         self.started: list[ContainerSpec] = []
         self.stopped: list[str] = []
         self.removed: list[str] = []
@@ -188,6 +190,7 @@ class MemoryExecutor(Executor):
     def stop(self, name: str, timeout: float = 5) -> None:
         with self._changed:
             if self.stop_error is not None:
+                self.stop_failures += 1
                 raise ExecutorError(str(self.stop_error), original=self.stop_error)
             container = self._find(name)
             if container is None:
