@@ -248,3 +248,19 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2, message: str
             return value
         time.sleep(interval)
     raise AssertionError(message or f"condition not met within {timeout}s")
+
+
+def reload(job: Any) -> Any:
+    """A fresh copy of the job's row."""
+    return type(job).objects.get(pk=job.pk)
+
+
+def wait_running(job: Any, timeout: float = 60) -> Any:
+    """The job's row once it is ``running``; fails at once if it ends before that."""
+
+    def running() -> Any:
+        row = reload(job)
+        assert not row.is_final, f"job ended before it ran: {row.status} {row.last_error}"
+        return row if row.status == "running" else None
+
+    return wait_for(running, timeout, interval=0.05, message="job never reached running")

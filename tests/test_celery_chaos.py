@@ -20,7 +20,9 @@ from .celery_support import (
     Proc,
     RedisServer,
     celery_cluster,
+    reload,
     wait_for,
+    wait_running,
 )
 from .conftest import containers_of
 
@@ -38,19 +40,6 @@ RESCUE_SETTINGS = {"LEASE_SECONDS": 3, "KEEP_CONTAINERS": True}
 def make_job(image: str, command: str, **fields: Any) -> ContainerJob:
     fields.setdefault("timeout_seconds", 120)
     return ContainerJob.objects.create_job(docker_image=image, command=command, **fields)
-
-
-def reload(job: ContainerJob) -> ContainerJob:
-    return ContainerJob.objects.get(pk=job.pk)
-
-
-def wait_running(job: ContainerJob, timeout: float = 60) -> ContainerJob:
-    def running() -> ContainerJob | None:
-        row = reload(job)
-        assert not row.is_final, f"job ended before it could be interrupted: {row.status}"
-        return row if row.status == Status.RUNNING else None
-
-    return wait_for(running, timeout, interval=0.05, message="job never reached running")
 
 
 def wait_exit(proc: Proc, timeout: float = 30) -> None:

@@ -26,7 +26,7 @@ from django_container_celery.executors.base import JOB_LABEL
 from django_container_celery.models import ContainerJob, ExecutorHost, database_now
 from django_container_celery.states import Status
 
-from .celery_support import ROOT, celery_cluster, wait_for
+from .celery_support import ROOT, celery_cluster, reload, wait_for, wait_running
 from .celery_support import test_database_url as database_url_for_tests
 from .daemons import second_daemon
 from .docker_proxy import DockerProxy
@@ -36,10 +36,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 FAKETIME_LIB = Path(
     os.environ.get("DCC_FAKETIME_LIB", "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 )
-
-
-def reload(job: ContainerJob) -> ContainerJob:
-    return ContainerJob.objects.get(pk=job.pk)
 
 
 def wait_final(job: ContainerJob, timeout: float) -> ContainerJob:
@@ -55,15 +51,6 @@ def wait_final(job: ContainerJob, timeout: float) -> ContainerJob:
             f"job still {row.status} after {timeout}s (attempt {row.attempt}, owner "
             f"{row.claimed_by!r}, error {row.last_error!r})"
         ) from None
-
-
-def wait_running(job: ContainerJob, timeout: float = 60) -> ContainerJob:
-    def running() -> ContainerJob | None:
-        row = reload(job)
-        assert not row.is_final, f"job ended before it ran: {row.status} {row.last_error}"
-        return row if row.status == Status.RUNNING else None
-
-    return wait_for(running, timeout, interval=0.05, message="job never reached running")
 
 
 @contextmanager
