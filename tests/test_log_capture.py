@@ -444,4 +444,8 @@ def test_a_100_mb_line_keeps_both_streams_with_bounded_memory(
     assert (result["body_len"], result["body_is_tail"]) == (max_bytes, True)
     assert result["stderr"] == "the error\n"
     limit_kib = 4 * max_bytes // KIB + RSS_ALLOWANCE_KIB
+    print(
+        f"100 MB line, LOG_MAX_BYTES={max_bytes}: peak RSS growth {result['growth_kib']} KiB "
+        f"(limit {limit_kib} KiB)"
+    )
     assert result["growth_kib"] < limit_kib, result
