@@ -86,6 +86,15 @@ class SecondDaemon:
         data = b"".join(main.images.get(self.image).save(named=True))
         self.client().images.load(data)
 
+    def unmount(self) -> None:
+        """Undo the mounts the stopped daemon left under its own folder (dockerd mounts its
+        data root onto itself and leaves it mounted when it exits)."""
+        prefix = str(self.dir) + "/"
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", point], check=False, capture_output=True)
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -112,4 +121,5 @@ def second_daemon(image: str, main: Any) -> Iterator[SecondDaemon]:
                 daemon.start()  # to remove what it still runs
         daemon.remove_all()
         daemon.stop()
+        daemon.unmount()
         shutil.rmtree(daemon.dir, ignore_errors=True)
