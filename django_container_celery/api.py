@@ -55,8 +55,11 @@ def enqueue(
     """Queue the job and, once the transaction commits, send its run message.
 
     A job due later gets no message now: ``dispatch_ready_jobs`` sends it when it is due.
-    If the broker is down the job simply stays queued; dispatch sends it later.
+    If the broker is down the job simply stays queued; dispatch sends it later. With
+    Celery's ``task_always_eager``, a job due now runs here, to its end (see ``eager``).
     """
+    from . import eager
+
     now = timezone.now()
     if countdown is not None:
         eta = now + timedelta(seconds=countdown)
@@ -69,8 +72,11 @@ def enqueue(
         queue_manager.queue_job(
             job, schedule_for=schedule_for, priority=priority, celery_task_id=task_id
         )
-        if schedule_for is None:
+        run_here = schedule_for is None and eager.is_eager()
+        if schedule_for is None and not run_here:
             transaction.on_commit(lambda: _send_if_unsent(job))
+    if run_here:
+        return eager.result_of(eager.run_to_end(job))
     return AsyncResult(task_id, app=current_app)
 
 

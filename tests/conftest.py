@@ -10,6 +10,9 @@ from django.conf import settings
 
 from . import celery_app  # noqa: F401 - makes the test app current for send_task
 
+# The plugin the package ships for its users' tests; the suite's fast tests use it too.
+pytest_plugins = ["django_container_celery.testing"]
+
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[Any]:

@@ -10,6 +10,10 @@ line just before its opening fence (invisible once the Markdown is rendered):
     <!-- test: run celery -->          executed with a Celery worker running in this
                                        process (kombu's in-memory broker), so .delay()
                                        and result.get() work; combine with "docker"
+    <!-- test: pytest -->              a test module: written to a folder of its own and run
+                                       by pytest in a subprocess, with the app's pytest
+                                       plugin and its own test database; every test in it
+                                       must pass ("pytest docker": it needs the daemon)
     <!-- test: skip (reason) -->       not executed (settings excerpts, a second Celery
                                        app, code for another package)
 
@@ -142,8 +146,8 @@ def test_every_python_block_is_marked(page: Path) -> None:
             continue
         if block.marker is None:
             problems.append(f"{block.where()}: python block without a <!-- test: ... --> marker")
-        elif block.marker.split()[0] not in ("run", "skip"):
-            problems.append(f"{block.where()}: marker must start with run or skip")
+        elif block.marker.split()[0] not in ("run", "skip", "pytest"):
+            problems.append(f"{block.where()}: marker must start with run, pytest or skip")
         elif block.runs and not block.options <= RUN_OPTIONS:
             problems.append(f"{block.where()}: unknown options {block.options - RUN_OPTIONS}")
         else:
@@ -259,6 +263,62 @@ def test_page_code_runs(page: Path, request: pytest.FixtureRequest) -> None:
                 exec(code, namespace)
     clear_executor_cache()
     connections.close_all()
+
+
+# -- test modules shown in the docs -----------------------------------------------------
+
+PYTEST_BLOCKS = [
+    block
+    for page in PAGES
+    for block in blocks_of(page)
+    if (block.marker or "").startswith("pytest")
+]
+
+
+def _pytest_param(block: Block) -> Any:
+    marks = [pytest.mark.docker] if "docker" in (block.marker or "").split() else []
+    return pytest.param(block, id=block.where(), marks=marks)
+
+
+@pytest.mark.parametrize("block", [_pytest_param(b) for b in PYTEST_BLOCKS])
+def test_pytest_block_passes(block: Block, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    module = tmp_path / f"test_doc_{block.line}.py"
+    module.write_text(block.code)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(root),
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        # Its own test database: the suite's may be in use by this very run.
+        DCC_TEST_DATABASE=f"test_dcc_doc_{os.getpid()}",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.celery_app",
+            "-p",
+            "django_container_celery.testing",
+            str(module),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(done.stdout[-2000:])
+    assert done.returncode == 0, f"{block.where()}:\n{done.stdout[-4000:]}{done.stderr[-2000:]}"
+    assert re.search(r"\b\d+ passed\b", done.stdout) and "skipped" not in done.stdout
 
 
 # -- reference tables --------------------------------------------------------------------

@@ -132,6 +132,22 @@ def test_manage_py_check_passes(tmp_path: Path) -> None:
     assert "no issues" in done.stdout
 
 
+def test_the_example_projects_own_tests_pass(tmp_path: Path) -> None:
+    # Written as a user of the app would, with the pytest plugin it ships; run the way a
+    # user runs them (from the project folder, its pytest.ini, SQLite, no Docker).
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v"],
+        cwd=EXAMPLE,
+        env=example_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    assert re.search(r"\b4 passed\b", done.stdout), done.stdout[-2000:]
+
+
 def test_celery_app_finds_the_tasks_and_the_schedule(tmp_path: Path) -> None:
     code = """
 import json
