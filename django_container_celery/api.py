@@ -56,10 +56,14 @@ def enqueue(
 
     A job due later gets no message now: ``dispatch_ready_jobs`` sends it when it is due.
     If the broker is down the job simply stays queued; dispatch sends it later. With
-    Celery's ``task_always_eager``, a job due now runs here, to its end (see ``eager``).
+    Celery's ``task_always_eager`` the job runs here, to its end (see ``eager``); like an
+    eager Celery task, it ignores ``eta`` and ``countdown``.
     """
     from . import eager
 
+    run_here = eager.is_eager()
+    if run_here:
+        eta = countdown = None
     now = timezone.now()
     if countdown is not None:
         eta = now + timedelta(seconds=countdown)
@@ -72,11 +76,10 @@ def enqueue(
         queue_manager.queue_job(
             job, schedule_for=schedule_for, priority=priority, celery_task_id=task_id
         )
-        run_here = schedule_for is None and eager.is_eager()
         if schedule_for is None and not run_here:
             transaction.on_commit(lambda: _send_if_unsent(job))
     if run_here:
-        return eager.result_of(eager.run_to_end(job))
+        return eager.result_of(eager.run_to_end(job), propagate=eager.propagates())
     return AsyncResult(task_id, app=current_app)
 
 

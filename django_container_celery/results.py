@@ -27,6 +27,7 @@ from django.dispatch import receiver
 
 from .api import job_result
 from .conf import app_settings
+from .eager import running_here
 from .exceptions import ContainerJobFailed
 from .masking import mask_text
 from .models import ContainerJob
@@ -55,9 +56,9 @@ def publish(sender: Any, job: ContainerJob, **kwargs: Any) -> None:
     """Store the job's outcome under its task id and announce it with a task event."""
     task_id = job.celery_task_id
     app = current_app
-    if not task_id or app.conf.task_always_eager:
-        # Eager mode hands the caller a ready result; like Celery's own eager tasks it
-        # stores nothing and sends no event (tests often have no broker at all).
+    if not task_id or running_here(job.pk):
+        # Run eagerly in this process: the caller gets a ready result; like Celery's own
+        # eager tasks it stores nothing and sends no event (tests often have no broker).
         return
     backend = app.backend
     stored = not isinstance(backend, DisabledBackend)

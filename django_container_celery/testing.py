@@ -12,16 +12,18 @@ Fixtures (all need pytest-django's database access):
     the exit code, output and duration you program per task. Jobs still go through the
     real engine: claim, launch, finishing, retries, timeouts.
 ``eager_containers``
-    ``fake_containers`` plus Celery's ``task_always_eager`` on the current app, so ``delay()``,
-    ``apply_async()`` and signatures (chains, groups) run their job in the test process
-    and return a ready result. Retries happen at once (no back-off); timeouts take their
-    real time.
+    ``fake_containers`` plus Celery's ``task_always_eager`` on the current app, so
+    ``delay()``, ``apply_async()`` and signatures (chains, groups) run their job in the
+    test process and return a ready result. ``eta``/``countdown`` are ignored and retries
+    happen at once (no back-off), as in Celery's eager mode; timeouts take their real time.
 ``container_worker``
-    A real Celery worker, in a thread of the test process, for end-to-end tests: the
-    project's own app (``celery_app`` from Celery's pytest plugin, which pytest-celery
-    installs, or yours), consuming from its broker, with the app's watcher running.
-    Use it with ``@pytest.mark.django_db(transaction=True)`` and, for real containers,
-    the ``docker`` executor.
+    A real Celery worker, in a thread of the test process, for end-to-end tests. It runs
+    on ``celery_app``, the test app of Celery's pytest plugin (which pytest-celery
+    installs): an in-memory broker, not your project's ``CELERY_*`` settings; override
+    ``celery_app`` or ``celery_config`` to change that. It consumes the queues the app's
+    settings route run messages to, and runs the watcher that finishes jobs. It uses a
+    transactional database (like ``live_server``), since its threads have their own
+    connections. For real containers, keep the ``docker`` executor.
 
 Helper: :func:`wait_for_job` waits until a job (or the job behind an ``AsyncResult``) is
 final and returns its row.
@@ -95,8 +97,12 @@ class FakeContainers:
     def _matcher(self, task: Any) -> Callable[[Any], bool]:
         if task is None:
             return lambda spec: True
-        name = task if isinstance(task, str) else task.name
-        return lambda spec: _job_name(spec) == name
+        if isinstance(task, str):
+            names = {task}
+        else:
+            # A task's jobs are named after it unless its options give them a name.
+            names = {task.name, str(task.options.get("name") or task.name)}
+        return lambda spec: _job_name(spec) in names
 
     def _play(self, spec: Any) -> Any:
         from .executors.memory import FakeRun
@@ -123,17 +129,27 @@ def _job_name(spec: Any) -> str:
 def wait_for_job(job_or_result: Any, timeout: float = 60.0, poll: float = 0.1) -> Any:
     """The job's row once it is final (completed, failed or cancelled).
 
-    Takes a ``ContainerJob``, its id, or the ``AsyncResult`` that ``delay()`` returned.
-    Raises ``TimeoutError`` naming the job's status when it is not final in time.
+    Takes a ``ContainerJob``, its id, the ``AsyncResult`` that ``delay()`` returned, or
+    its task id. Raises ``TimeoutError`` naming the job's status when it is not final in
+    time.
     """
+    import uuid
+
+    from django.db.models import Q
+
     from .models import ContainerJob
 
     if isinstance(job_or_result, ContainerJob):
         query = ContainerJob.objects.filter(pk=job_or_result.pk)
-    elif hasattr(job_or_result, "id") and not isinstance(job_or_result, str):
+    elif hasattr(job_or_result, "id") and not isinstance(job_or_result, str | uuid.UUID):
         query = ContainerJob.objects.filter(celery_task_id=job_or_result.id)
     else:
-        query = ContainerJob.objects.filter(pk=job_or_result)
+        key = str(job_or_result)
+        by_task = Q(celery_task_id=key)
+        try:
+            query = ContainerJob.objects.filter(Q(pk=uuid.UUID(key)) | by_task)
+        except ValueError:
+            query = ContainerJob.objects.filter(by_task)
     deadline = time.monotonic() + timeout
     while True:
         job = query.first()
@@ -167,16 +183,18 @@ def eager_containers(fake_containers: FakeContainers) -> Iterator[FakeContainers
     from celery import current_app
 
     conf = current_app.conf
-    saved = (conf.task_always_eager, conf.task_eager_propagates)
-    conf.task_always_eager, conf.task_eager_propagates = True, True
-    yield fake_containers
-    conf.task_always_eager, conf.task_eager_propagates = saved
+    saved = conf.task_always_eager
+    conf.task_always_eager = True
+    try:
+        yield fake_containers
+    finally:
+        conf.task_always_eager = saved
 
 
 @pytest.fixture
-def container_worker(celery_app: Any) -> Iterator[Any]:
+def container_worker(celery_app: Any, transactional_db: Any) -> Iterator[Any]:
     """A real Celery worker in a thread of this process, with the app's watcher, for
-    end-to-end tests (``django_db(transaction=True)``). Yields the worker."""
+    end-to-end tests. Yields the worker."""
     from celery.contrib.testing.worker import start_worker
 
     from . import tasks  # noqa: F401 - registers the run task the worker must know
@@ -185,7 +203,22 @@ def container_worker(celery_app: Any) -> Iterator[Any]:
     watcher = Watcher(f"test-watcher@{id(celery_app)}")
     watcher.start()
     try:
-        with start_worker(celery_app, pool="threads", perform_ping_check=False) as worker:
+        with start_worker(
+            celery_app, pool="threads", perform_ping_check=False, queues=_run_queues()
+        ) as worker:
             yield worker
     finally:
         watcher.stop()
+
+
+def _run_queues() -> list[str] | None:
+    """The queues run messages go to under the app's settings (None: Celery's default)."""
+    from .conf import app_settings
+    from .models import ExecutorHost
+
+    base = app_settings.TASK_QUEUE
+    queues = [base] if base else []
+    if app_settings.PER_HOST_QUEUES:
+        names = ExecutorHost.objects.values_list("name", flat=True)
+        queues += [f"{base or 'dcc'}.{name}" for name in names]
+    return queues or None

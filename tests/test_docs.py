@@ -150,6 +150,10 @@ def test_every_python_block_is_marked(page: Path) -> None:
             problems.append(f"{block.where()}: marker must start with run, pytest or skip")
         elif block.runs and not block.options <= RUN_OPTIONS:
             problems.append(f"{block.where()}: unknown options {block.options - RUN_OPTIONS}")
+        elif block.marker.split()[0] == "pytest" and not set(block.marker.split()[1:]) <= {
+            "docker"
+        }:
+            problems.append(f"{block.where()}: a pytest block takes only the option docker")
         else:
             compile(block.code, block.where(), "exec")  # skipped blocks must parse too
     assert not problems, "\n".join(problems)
@@ -281,10 +285,13 @@ def _pytest_param(block: Block) -> Any:
 
 
 @pytest.mark.parametrize("block", [_pytest_param(b) for b in PYTEST_BLOCKS])
-def test_pytest_block_passes(block: Block, tmp_path: Path) -> None:
+def test_pytest_block_passes(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     import os
     import subprocess
     import sys
+
+    if "docker" in (block.marker or "").split():
+        request.getfixturevalue("test_image")  # fails clearly when the daemon is missing
 
     module = tmp_path / f"test_doc_{block.line}.py"
     module.write_text(block.code)

@@ -110,3 +110,31 @@ def test_end_to_end_with_a_real_worker_and_docker(container_worker: Any) -> None
     job = wait_for_job(result, timeout=60)
     assert (job.status, job.stdout_log) == (Status.COMPLETED, "end-to-end\n")
     assert result.get(timeout=10)["stdout"] == "end-to-end\n"
+
+
+@container_task(image="registry.example.com/tools/fetch:2.1", name="nightly-fetch")
+def nightly() -> str:
+    return "fetch --all"
+
+
+def test_countdown_is_ignored_and_jobs_named_by_their_options_are_matched(
+    eager_containers: FakeContainers,
+) -> None:
+    eager_containers.program(nightly, stdout="all fetched\n")
+    result = nightly.apply_async(countdown=3600)
+    assert result.get()["stdout"] == "all fetched\n"
+    assert len(eager_containers.started_for(nightly)) == 1
+    assert wait_for_job(result.id).name == "nightly-fetch"  # by task id, as a string
+
+
+def test_a_job_that_cannot_run_here_raises_instead_of_waiting(
+    eager_containers: FakeContainers,
+) -> None:
+    from django_container_celery.eager import EagerJobStuck
+    from django_container_celery.models import ExecutorHost
+
+    host = ExecutorHost.objects.create(name="retired", is_active=False)
+    job = ContainerJob.objects.create_job(docker_image=IMAGE, command="true", docker_host=host)
+    with pytest.raises(EagerJobStuck, match="could not be claimed"):
+        job.delay()
+    assert eager_containers.started == []
