@@ -92,8 +92,10 @@ def _drive(job: ContainerJob, manager: JobQueueManager, look_every: float) -> Co
             continue
         if job.status not in states.ACTIVE:
             raise EagerJobStuck(f"eager mode: job {job.pk} is {job.status}, not queued")
-        if not job.claimed_by.startswith("eager:") and deadline is None:
-            raise EagerJobStuck(f"eager mode: job {job.pk} is held by {job.claimed_by!r}")
+        if deadline is None:
+            if job.claimed_by != manager.worker_id:
+                raise EagerJobStuck(f"eager mode: job {job.pk} is held by {job.claimed_by!r}")
+            deadline = time.monotonic() + job.timeout_seconds + bound
         if deadline is not None and time.monotonic() > deadline:
             raise EagerJobStuck(
                 f"eager mode: job {job.pk} is still {job.status} past its timeout "

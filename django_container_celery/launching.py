@@ -110,7 +110,9 @@ def launch_claimed(
     task's RUNNING state) can never overwrite the job's final result.
     """
     try:
-        spec = build_spec(job)
+        # Fenced between create and start: a launcher that outlived its lease must not
+        # start a container once the attempt was taken over (perhaps already finished).
+        spec = dataclasses.replace(build_spec(job), may_start=lambda: renew_lease(job))
         with keep_leased(job):
             container_id = executor.start(spec)
         adopted = False

@@ -108,7 +108,9 @@ class JobQueueManager:
             if job.status not in states.CANCELLABLE:
                 return False
             had_container = job.status in states.ACTIVE and job.attempt > 0
-            if not end_attempt(job, Ending(End.CANCELLED), as_claimant=False):
+            # The slot stays taken (stop_pending) until the container is seen stopped.
+            held: dict[str, Any] = {"stop_pending": True} if had_container else {}
+            if not end_attempt(job, Ending(End.CANCELLED), as_claimant=False, **held):
                 job.refresh_from_db()
                 continue
             if had_container:
@@ -127,9 +129,9 @@ class JobQueueManager:
                 job.pk,
                 exc_info=True,
             )
-            ContainerJob.objects.filter(pk=job.pk, attempt=job.attempt).update(stop_pending=True)
-            job.stop_pending = True
             return
+        ContainerJob.objects.filter(pk=job.pk, attempt=job.attempt).update(stop_pending=False)
+        job.stop_pending = False
         if not app_settings.KEEP_CONTAINERS:
             remove_container(executor, job.container_name)
 

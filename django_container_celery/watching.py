@@ -77,6 +77,8 @@ RECHECK_SECONDS = 15.0
 # looked at again after this pause rather than finished from the event.
 KILLED_EXIT_CODE = 137
 KILLED_SETTLE_SECONDS = 1.0
+# Pause between looks at an exit reported while its job is still launching.
+LAUNCHING_RECHECK_EVERY = 0.5
 # Pause before reopening a broken event stream; doubled up to the maximum while it fails.
 STREAM_RETRY_SECONDS = 1.0
 STREAM_RETRY_MAX_SECONDS = 30.0
@@ -333,6 +335,8 @@ def _isolated(job: ContainerJob, step: Callable[..., Any], *args: Any) -> Any:
     except (OperationalError, InterfaceError):
         raise
     except (TransitionConflict, InvalidTransition):
+        with _failures_lock:
+            _failures.pop(key, None)
         return None  # someone else moved the job on: nothing failed here
     except Exception as exc:
         with _failures_lock:
@@ -686,9 +690,11 @@ class Watcher:
             return
         if job.status == Status.LAUNCHING:
             # Its launcher has not recorded it as running yet: look again shortly.
+            now = time.monotonic()
             self._rechecks.setdefault(
-                (job_id, attempt), (lead.target, time.monotonic() + RECHECK_SECONDS, exit_code)
+                (job_id, attempt), (lead.target, now + RECHECK_SECONDS, exit_code)
             )
+            self._recheck_after[(job_id, attempt)] = now + LAUNCHING_RECHECK_EVERY
             return
         self._rechecks.pop((job_id, attempt), None)
         with contextlib.suppress(TransitionConflict):  # someone else ended it first

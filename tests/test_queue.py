@@ -432,3 +432,19 @@ def test_retry_failed_job(qm: JobQueueManager) -> None:
     qm.retry_failed_job(job2, reset_count=True)
     assert ContainerJob.objects.get(pk=job2.pk).retry_count == 0
     assert list(qm.get_failed_jobs()) == []
+
+
+def test_a_launcher_that_lost_its_claim_never_starts_a_container(
+    qm: JobQueueManager, mem: MemoryExecutor
+) -> None:
+    # The attempt was taken over (and may have run and been removed already) while this
+    # launcher was stalled before its create: the fence between create and start holds.
+    queued()
+    job = qm.acquire_next_job(worker_id="stalled")
+    assert job is not None
+    ContainerJob.objects.filter(pk=job.pk).update(claimed_by="new-owner")
+    outcome = launch_claimed(job, mem)
+    assert not outcome.success
+    assert mem.started == []
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.status, row.claimed_by, row.attempt) == (Status.LAUNCHING, "new-owner", 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Protocol
 
@@ -38,6 +38,10 @@ class ContainerSpec:
     bind_mounts: tuple[tuple[str, str, bool], ...] = ()
     network_mode: str | None = None
     auto_pull: bool = False
+    # Asked between creating and starting the container: False means the caller's claim
+    # moved on meanwhile (a launch too slow for its lease), so the container is removed
+    # and never started. None: always start.
+    may_start: Callable[[], bool] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -195,6 +195,14 @@ class DockerExecutor(Executor):
     def start(self, spec: ContainerSpec) -> str:
         api = self.api
         container_id = self._create(spec, pull_if_missing=spec.auto_pull)
+        if spec.may_start is not None and not spec.may_start():
+            with contextlib.suppress(*_CLIENT_ERRORS):
+                api.remove_container(container_id, force=True, v=True)
+            raise StartFailed(
+                f"Container {spec.name} not started: the launch lost its claim",
+                spec.name,
+                container_id,
+            )
         try:
             # By id: a launcher that was too slow and lost this attempt holds the id of a
             # container that may have been replaced since, so its late start fails instead

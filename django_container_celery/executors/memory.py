@@ -27,6 +27,7 @@ from .base import (
     ContainerState,
     EventStream,
     Executor,
+    StartFailed,
     truncate_tail,
 )
 
@@ -142,6 +143,8 @@ class MemoryExecutor(Executor):
             existing = self._containers.get(spec.name)
             if existing is not None:
                 raise ContainerExists(spec.name, existing.container_id)
+            if spec.may_start is not None and not spec.may_start():
+                raise StartFailed(f"Container {spec.name} not started: claim lost", spec.name)
             run = self.behaviour(spec)
             container = _Container(
                 container_id=uuid.uuid4().hex + uuid.uuid4().hex,

@@ -82,7 +82,9 @@ class Command(BaseCommand):
             return
         self._install_signals(manager)
         self.launched: set[Any] = set()
-        self.watcher = Watcher(worker_id) if app_settings.WATCHER else None
+        # Its own claimant id: a launch of this process that the watcher takes over must
+        # then fail its claim checks.
+        self.watcher = Watcher(f"watcher@{worker_id}") if app_settings.WATCHER else None
         if self.watcher is not None:
             self.watcher.start()
         try:
