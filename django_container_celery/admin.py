@@ -57,7 +57,14 @@ from .admin_views import (
 )
 from .exceptions import ExecutorError
 from .executors import executor_for
-from .forms import DEFINITION_FIELDS, LOCKED_STATUSES, ContainerJobForm, ScheduleForm
+from .forms import (
+    DEFINITION_FIELDS,
+    LOCKED_STATUSES,
+    ContainerJobForm,
+    ScheduleForm,
+    format_environment,
+    quote_value,
+)
 from .masking import mask_environment, mask_text
 from .models import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, ContainerJob, ExecutorHost
 
@@ -422,7 +429,7 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
         env = mask_environment(job.environment or {})
         if not env:
             return format_html("{}", "-")
-        shown = [_clip(f"{key}={value}", 32) for key, value in list(env.items())[:3]]
+        shown = [_clip(f"{key}={quote_value(value)}", 32) for key, value in list(env.items())[:3]]
         more = f" (+{len(env) - 3})" if len(env) > 3 else ""
         return format_html(
             '<span class="dcc-env-summary">{}{}</span>',
@@ -524,10 +531,8 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
         env = mask_environment(job.environment or {})
         if not env:
             return format_html("{}", "-")
-        return format_html(
-            '<pre class="dcc-env">{}</pre>',
-            "\n".join(f"{key}={value}" for key, value in env.items()),
-        )
+        # The edit form's notation, so a value holding a newline reads as one variable.
+        return format_html('<pre class="dcc-env">{}</pre>', format_environment(env, masked=False))
 
     @admin.display(description=_("Last error"))
     def last_error_masked(self, job: ContainerJob) -> str:

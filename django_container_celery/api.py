@@ -12,9 +12,12 @@ from typing import Any
 from celery import current_app, shared_task
 from celery.canvas import Signature
 from celery.result import AsyncResult
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from . import validators
+from .exceptions import InvalidJobDefinition
 from .masking import mask_data
 from .models import ContainerJob, ExecutorHost
 from .queue import queue_manager
@@ -46,21 +49,67 @@ def job_result(job: ContainerJob) -> dict[str, Any]:
     return masked
 
 
+def validate_call_options(eta: Any = None, countdown: Any = None, priority: Any = None) -> None:
+    """Check ``apply_async``'s calling options; a ``ValidationError`` keys each bad one by
+    its own name (``eta``, ``countdown``, ``priority``). ``None`` means not given."""
+    checks = (
+        ("eta", eta, validators.validate_eta),
+        ("countdown", countdown, validators.validate_countdown),
+        ("priority", priority, validators.validate_priority),
+    )
+    errors: dict[str, list[ValidationError]] = {}
+    for name, value, check in checks:
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ValidationError as error:
+            errors[name] = error.error_list
+    if errors:
+        raise ValidationError(errors)
+
+
+def _validate_for_queueing(
+    job: ContainerJob,
+    eta: Any = None,
+    countdown: Any = None,
+    priority: Any = None,
+) -> None:
+    """Check the call options and the whole job (``full_clean``), reporting both at once."""
+    errors: dict[str, Any] = {}
+    for check in (lambda: validate_call_options(eta, countdown, priority), job.full_clean):
+        try:
+            check()
+        except ValidationError as error:
+            errors = error.update_error_dict(errors)
+    if errors:
+        raise ValidationError(errors)
+
+
 def enqueue(
     job: ContainerJob,
     eta: datetime | None = None,
     countdown: float | None = None,
     priority: int | None = None,
 ) -> AsyncResult:
-    """Queue the job and, once the transaction commits, send its run message.
+    """Validate, save and queue the job and, once the transaction commits, send its run
+    message.
+
+    Validation comes first and always, for a new instance and a saved one alike: the call
+    options and the whole job (``full_clean``). Any problem raises one ``ValidationError``
+    naming each bad field or option, and nothing is written. Then, in one transaction, the
+    job is saved (a new one inserted; a saved one written as a plain ``save()`` writes it,
+    so definition changes made on the instance are queued with it, and are rolled back
+    with the queueing if that fails) and queued.
 
     A job due later gets no message now: ``dispatch_ready_jobs`` sends it when it is due.
     If the broker is down the job simply stays queued; dispatch sends it later. With
     Celery's ``task_always_eager`` the job runs here, to its end (see ``eager``); like an
-    eager Celery task, it ignores ``eta`` and ``countdown``.
+    eager Celery task, it ignores ``eta`` and ``countdown`` (they are still validated).
     """
     from . import eager
 
+    _validate_for_queueing(job, eta=eta, countdown=countdown, priority=priority)
     run_here = eager.is_eager()
     if run_here:
         eta = countdown = None
@@ -70,9 +119,7 @@ def enqueue(
     schedule_for = eta if eta is not None and eta > now else None
     task_id = job.celery_task_id or str(uuid.uuid4())
     with transaction.atomic():
-        if job._state.adding:
-            job.full_clean()
-            job.save()
+        job.save()
         queue_manager.queue_job(
             job, schedule_for=schedule_for, priority=priority, celery_task_id=task_id
         )
@@ -124,28 +171,103 @@ def send_run_message(job: ContainerJob) -> bool:
 
 def create_job_from(template: Any = None, **definition: Any) -> ContainerJob:
     """A new, validated, saved job from a template job's definition plus overrides."""
-    fields: dict[str, Any] = {}
-    if template:
-        source = ContainerJob.objects.get(pk=template)
-        fields = {name: getattr(source, name) for name in DEFINITION_FIELDS}
+    return ContainerJob.objects.create_job(**_definition_from(template, definition))
+
+
+def job_from(template: Any = None, **definition: Any) -> ContainerJob:
+    """The same job as :func:`create_job_from`, unsaved and not yet validated: ``delay()``
+    validates, saves and queues it in one go."""
+    return ContainerJob(**_definition_from(template, definition))
+
+
+def _definition_from(template: Any, definition: dict[str, Any]) -> dict[str, Any]:
+    """The template's definition fields overridden by ``definition``, the host resolved.
+    A template or host that does not exist is a ``ValidationError`` naming it."""
     unknown = set(definition) - set(DEFINITION_FIELDS)
     if unknown:
         raise TypeError(f"unknown job field(s): {', '.join(sorted(unknown))}")
-    fields.update(definition)
-    host = fields.get("docker_host")
-    if isinstance(host, int):
-        fields["docker_host"] = ExecutorHost.objects.get(pk=host)
-    elif isinstance(host, str):
-        fields["docker_host"] = ExecutorHost.objects.get(name=host)
-    return ContainerJob.objects.create_job(**fields)
+    fields = {**_template_definition(template), **definition}
+    if "docker_host" in fields:
+        fields["docker_host"] = _resolve_host(fields["docker_host"])
+    return fields
+
+
+def _template_definition(template: Any) -> dict[str, Any]:
+    if template is None or template == "":
+        return {}
+    try:
+        source = ContainerJob.objects.get(pk=template)
+    except (ContainerJob.DoesNotExist, ValidationError, ValueError, TypeError):
+        raise ValidationError(
+            {"template": f"No job with id {_shown(template)} to copy the definition of."}
+        ) from None
+    return {name: getattr(source, name) for name in DEFINITION_FIELDS}
+
+
+def _resolve_host(value: Any) -> ExecutorHost | None:
+    """The ExecutorHost a ``docker_host`` value names: a host, its id or its name."""
+    problem = _host_problem(value)
+    if problem:
+        raise ValidationError({"docker_host": problem})
+    if value is None or isinstance(value, ExecutorHost):
+        return value
+    by_id = isinstance(value, int)
+    host = ExecutorHost.objects.filter(**{"pk" if by_id else "name": value}).first()
+    if host is None:
+        kind = "id" if by_id else "name"
+        raise ValidationError({"docker_host": f"No executor host with {kind} {_shown(value)}."})
+    return host
+
+
+def _shown(value: Any) -> str:
+    """A user's value, short, for an error message."""
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return "(a number of more than 18 digits)"  # a huge int's repr may be refused
+    return repr(value)[:100]
+
+
+def _host_problem(value: Any) -> str | None:
+    """What makes ``value`` unusable as a ``docker_host`` reference, found without the
+    database; None when it may name a host."""
+    if value is None or isinstance(value, ExecutorHost):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if value and "\x00" not in value:
+            return None
+        return "A host name must be non-empty text without NUL characters."
+    return f"Must be an ExecutorHost, its id or its name, not {type(value).__name__}."
+
+
+def validate_definition(fields: dict[str, Any]) -> None:
+    """Check the given definition fields with the model's own field validation, without
+    the database (a host is only checked to be a host, an id or a name); a
+    ``ValidationError`` names each bad field. Fields not given are not checked."""
+    errors: dict[str, Any] = {}
+    problem = _host_problem(fields.get("docker_host"))
+    if problem:
+        errors["docker_host"] = [problem]
+    values = {name: value for name, value in fields.items() if name != "docker_host"}
+    given = set(values)
+    try:
+        ContainerJob(**values).clean_fields(
+            exclude={field.name for field in ContainerJob._meta.fields} - given
+        )
+    except ValidationError as error:
+        errors = error.update_error_dict(errors)
+    if errors:
+        raise ValidationError(errors)
 
 
 class ContainerTask:
     """A function that returns a command, run as a container job by Celery.
 
     Calling ``delay``/``apply_async`` creates and queues a ContainerJob and returns the
-    job's AsyncResult. ``s()``/``si()`` are signatures of a Celery task that creates the job
-    and runs it in the worker, so container tasks compose in chains and groups.
+    job's AsyncResult; an invalid call raises ``ValidationError`` there and saves nothing.
+    ``s()``/``si()`` are signatures of a Celery task that creates the job and runs it in the
+    worker, so container tasks compose in chains and groups; there an invalid definition
+    fails the step with :class:`~.exceptions.InvalidJobDefinition`.
     """
 
     def __init__(self, func: Callable[..., str], options: dict[str, Any]) -> None:
@@ -153,26 +275,40 @@ class ContainerTask:
         self.options = options
         self.name = options.pop("task_name", None) or f"{func.__module__}.{func.__name__}"
         functools.update_wrapper(self, func)
-        self.task = shared_task(name=self.name, bind=True, acks_late=False)(
-            _run_inline_factory(self)
-        )
+        # An invalid definition is the caller's mistake, not the worker's: listed in
+        # ``throws``, it is logged at INFO without a traceback. A step retries itself for
+        # as long as its job waits (the job's own retry budget bounds the attempts), so
+        # Celery's default of three retries must not end it.
+        self.task = shared_task(
+            name=self.name,
+            bind=True,
+            acks_late=False,
+            max_retries=None,
+            throws=(InvalidJobDefinition,),
+        )(_run_inline_factory(self))
 
     def __call__(self, *args: Any, **kwargs: Any) -> str:
         return self.func(*args, **kwargs)
 
     def build_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ContainerJob:
+        """Create and save (validated, pending) the job a call with these arguments
+        defines, without queueing it."""
+        return create_job_from(None, **self._definition(args, kwargs))
+
+    def new_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ContainerJob:
+        """The job a call with these arguments defines, unsaved and not yet validated."""
+        return job_from(None, **self._definition(args, kwargs))
+
+    def _definition(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         command = self.func(*args, **kwargs)
         if not isinstance(command, str):
-            from django.core.exceptions import ValidationError
-
             raise ValidationError(
                 {
                     "command": f"{self.name} must return the command as a string, not "
                     f"{type(command).__name__}"
                 }
             )
-        fields = {"name": self.name, **self.options, "command": command}
-        return create_job_from(None, **fields)
+        return {"name": self.name, **self.options, "command": command}
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.apply_async(args, kwargs)
@@ -185,8 +321,11 @@ class ContainerTask:
         countdown: float | None = None,
         priority: int | None = None,
     ) -> AsyncResult:
-        job = self.build_job(tuple(args or ()), dict(kwargs or {}))
-        return job.apply_async(eta=eta, countdown=countdown, priority=priority)
+        """Validate the call options, then build the job and queue it; nothing is saved
+        unless all of it is valid (see :func:`enqueue`)."""
+        validate_call_options(eta=eta, countdown=countdown, priority=priority)
+        job = self.new_job(tuple(args or ()), dict(kwargs or {}))
+        return enqueue(job, eta=eta, countdown=countdown, priority=priority)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         return self.task.s(*args, **kwargs)
@@ -216,10 +355,16 @@ def container_task(
     ``timeout_seconds``, ``memory_limit``, ``cpu_limit``, ``environment``,
     ``retry_strategy``, ``retry_exit_codes``, ``docker_host`` (an ExecutorHost, id or
     name), ``working_directory``, ``name``; plus ``task_name`` for the Celery task name.
+    They are validated here, with the model's field validation: a ``ValidationError``
+    names each bad one. A host name or id is looked up at each call, not here: module
+    import must not need the database.
     """
     unknown = set(options) - set(DEFINITION_FIELDS) - {"task_name"}
     if unknown:
         raise TypeError(f"container_task got unknown option(s): {', '.join(sorted(unknown))}")
+    validate_definition(
+        {"docker_image": image, **{k: v for k, v in options.items() if k != "task_name"}}
+    )
 
     def decorate(func: Callable[..., str]) -> ContainerTask:
         return ContainerTask(func, {"docker_image": image, **options})

@@ -11,8 +11,10 @@ class ContainerCeleryConfig(AppConfig):
 
     def ready(self) -> None:
         # The Celery layer listens to the engine: results stored whoever ends a job, and
-        # the watcher started in every worker. Both only connect signal receivers.
-        from . import results, worker  # noqa: F401
+        # the watcher started in every worker. Both only connect signal receivers. The
+        # checks of CONTAINER_CELERY register themselves for manage.py check and the
+        # worker's start.
+        from . import checks, results, worker  # noqa: F401
         from .installation import restore_after_flush
 
         # flush (between transactional tests) empties the installation table and then sends

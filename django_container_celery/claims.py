@@ -5,6 +5,13 @@ expires, the next attempt number and the host the attempt will run on. It lives 
 row, not in a transaction, so it survives the claiming transaction; a worker renews its
 lease while it follows the job, and a job whose lease expired may be taken over.
 
+Which job a claim takes is decided here too, never by the order Celery delivers messages
+in: a run message is a right to start one job on its route (the Celery queue it was sent
+to), and its claim takes the first ready job, by priority then FIFO, among the jobs that
+fit a free slot and share that route (``claim_next(route_of=...)``). Messages may arrive in
+any order, be prefetched, duplicated or sent by dispatch, a rescue or a canvas step: the
+job that starts when a slot frees is always the best one waiting for it.
+
 Capacity (the global ``max_concurrent`` and each host's ``max_concurrent_jobs``) is
 checked inside the same UPDATE. On PostgreSQL every claim first takes one transaction-level
 advisory lock, so claims are serialized and each UPDATE's snapshot sees all earlier claims:
@@ -155,10 +162,13 @@ class _ClaimSQL:
         limit: int = 1,
         lock: bool = True,
         only_id: Any = None,
+        route_of: Any = None,
     ) -> tuple[str, list[Any]]:
         """SELECT of the first ready job ids, in launch order, that could run now.
 
         ``free_hosts`` None means no ExecutorHost rows exist: every job may run.
+        ``route_of`` keeps the jobs whose run messages go to the same Celery queue as
+        that job's (with ``PER_HOST_QUEUES``, the same pinned host or none).
         """
         waiting = self.statuses(states.WAITING)
         sql = f"""
@@ -172,6 +182,13 @@ class _ClaimSQL:
         if only_id is not None:
             sql += " AND r.id = %s"
             params.append(only_id)
+        if route_of is not None and app_settings.PER_HOST_QUEUES:
+            same = "IS NOT DISTINCT FROM" if self.postgres else "IS"
+            sql += (
+                f" AND r.docker_host_id {same}"
+                f" (SELECT m.docker_host_id FROM {self.job} m WHERE m.id = %s)"
+            )
+            params.append(route_of)
         if free_hosts is not None:
             pinned = "r.docker_host_id IN ({})".format(
                 ", ".join(["%s"] * len(free_hosts)) if free_hosts else "NULL"
@@ -228,7 +245,7 @@ Target = tuple[str, list[Any]]
 def _claim(
     worker_id: str,
     max_concurrent: int | None,
-    choose: Callable[[_ClaimSQL, datetime, list[int] | None, int | None, int], Target | None],
+    choose: Callable[[_ClaimSQL, datetime, list[int] | None, int | None], Target],
 ) -> ContainerJob | None:
     """Run one claim: serialize, place, then the UPDATE of the row ``choose`` selects."""
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
@@ -237,9 +254,7 @@ def _claim(
         now = database_now()  # after the wait for the lock, so the lease is not shortened
         free_hosts, default_host = _placement()
         builder = _ClaimSQL()
-        chosen = choose(builder, now, free_hosts, default_host, limit)
-        if chosen is None:
-            return None
+        chosen = choose(builder, now, free_hosts, default_host)
         sql, params = builder.update(
             target=chosen[0],
             target_params=chosen[1],
@@ -255,14 +270,22 @@ def claim_next(
     worker_id: str,
     max_concurrent: int | None = None,
     exclude_ids: Sequence[Any] = (),
+    route_of: Any = None,
 ) -> ContainerJob | None:
-    """Claim the first ready job (priority, then FIFO) that has room to run, or None."""
+    """Claim the first ready job (priority, then FIFO) that has room to run, or None.
+
+    ``route_of`` is the job a run message was sent for: the claim then takes the best job
+    among those whose messages share its queue, which is often that job itself but is a
+    better one when a better one waits. A worker consuming a queue can reach the hosts of
+    every job routed to it, so any of them may be launched from here.
+    """
+    route = _db_id(route_of) if route_of is not None else None
 
     def first_ready(
-        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None, _: int
+        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None
     ) -> Target:
         return builder.ready_ids(
-            now=now, free_hosts=free, default_host=default, exclude_ids=exclude_ids
+            now=now, free_hosts=free, default_host=default, exclude_ids=exclude_ids, route_of=route
         )
 
     return _claim(worker_id, max_concurrent, first_ready)
@@ -272,28 +295,19 @@ def claim_job(
     job_id: Any,
     worker_id: str,
     max_concurrent: int | None = None,
-    in_turn: bool = True,
 ) -> ContainerJob | None:
-    """Claim this job if it is ready and there is room, else None.
+    """Claim exactly this job if it is ready and there is room, else None.
 
-    With ``in_turn`` the job must also be among the first ready jobs that fill the free
-    slots, so messages that arrive out of order still start jobs by priority, then FIFO.
+    For callers that name the job to launch (``launch_job``, eager mode); run messages
+    use ``claim_next(route_of=...)`` so that priority, not delivery order, decides.
     """
 
     def this_job(
-        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None, limit: int
-    ) -> Target | None:
-        if not in_turn:
-            return builder.ready_ids(
-                now=now, free_hosts=free, default_host=default, only_id=_db_id(job_id)
-            )
-        slots = limit - ContainerJob.objects.holding_slots().count()
-        if slots <= 0:
-            return None
-        ranked, params = builder.ready_ids(
-            now=now, free_hosts=free, default_host=default, limit=slots, lock=False
+        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None
+    ) -> Target:
+        return builder.ready_ids(
+            now=now, free_hosts=free, default_host=default, only_id=_db_id(job_id)
         )
-        return f"SELECT t.id FROM ({ranked}) t WHERE t.id = %s", [*params, _db_id(job_id)]
 
     return _claim(worker_id, max_concurrent, this_job)
 

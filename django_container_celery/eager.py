@@ -85,7 +85,7 @@ def _drive(job: ContainerJob, manager: JobQueueManager, look_every: float) -> Co
             ContainerJob.objects.filter(pk=job.pk, status__in=states.WAITING).update(
                 scheduled_for=None
             )
-            claimed, _ = manager.run_job(job.pk, in_turn=False)
+            claimed, _ = manager.run_job(job.pk, this_job_only=True)
             if claimed is None:
                 raise EagerJobStuck(_why_unclaimed(job))
             deadline = time.monotonic() + job.timeout_seconds + bound

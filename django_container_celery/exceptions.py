@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from django.core.exceptions import ValidationError
+
 
 class InvalidTransition(ValueError):
     """A status change that the transition table forbids."""
@@ -56,3 +58,23 @@ class ContainerJobFailed(Exception):
     Its message names the job, its status and its last error, with the values of the job's
     secret environment variables masked: it travels through the result backend.
     """
+
+
+class InvalidJobDefinition(ValueError):
+    """A container task's canvas step (``.s()``/``.si()``) could not build its job: the
+    definition its function and options give is invalid, and nothing was saved.
+
+    The worker raises it in place of Django's ``ValidationError``, whose per-field
+    structure does not survive a JSON result backend. Its one argument is a flat message
+    naming each field and its problem (``docker_image: 'Bad Image' is not a valid Docker
+    image reference…``), so ``AsyncResult.get()`` re-raises it readably, and the task
+    lists it as expected: the worker logs it at INFO, without a traceback.
+    """
+
+    @classmethod
+    def from_validation_error(cls, error: ValidationError) -> InvalidJobDefinition:
+        if hasattr(error, "error_dict"):
+            parts = [f"{field}: {' '.join(texts)}" for field, texts in error.message_dict.items()]
+        else:
+            parts = list(error.messages)
+        return cls("; ".join(parts))

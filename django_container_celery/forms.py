@@ -1,13 +1,32 @@
-"""Forms of the admin: a job's definition, its environment as lines, and "schedule for later".
+r"""Forms of the admin: a job's definition, its environment as lines, and "schedule for later".
 
 The environment is edited as ``KEY=value`` lines rather than raw JSON: operators paste
 ``.env``-style snippets, and every mistake can be reported with the line it is on.
+
+The lines are lossless: any string value survives being shown and sent back unchanged.
+
+- Lines end at ``\n``, ``\r\n`` or ``\r``. Blank lines and lines whose first non-blank
+  character is ``#`` are ignored; every other line is ``KEY=value``.
+- Spaces around the name are ignored (``  KEY=x`` sets ``KEY``). The value is everything
+  after the first ``=``, exactly as typed: ``KEY= x `` sets `` x ``, ``URL=a=b`` sets
+  ``a=b``, ``KEY=`` sets the empty string, ``KEY=#1`` sets ``#1``.
+- A value whose first character is ``"`` is one JSON string, optionally followed by
+  spaces: ``KEY="two\nlines"``. It is how a value is shown when plain text would change
+  it or hide part of it: a value with a line break, tab or other control character, a
+  line or paragraph separator, leading or trailing whitespace, or a leading ``"``.
+- A NUL character (``\x00``, or ``\u0000`` in a JSON string) is refused: PostgreSQL
+  cannot store it.
+
 Values of secret-looking names are shown as the mask; a mask sent back unchanged keeps the
-stored secret, so opening and saving a job never needs the secret itself.
+stored secret, so opening and saving a job never needs the secret itself. A submission
+whose text is the one the form showed leaves the stored environment untouched.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import unicodedata
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,6 +49,7 @@ __all__ = [
     "ScheduleForm",
     "format_environment",
     "parse_environment",
+    "quote_value",
 ]
 
 # A job's definition may change only while no container exists for its current attempt:
@@ -39,37 +59,88 @@ LOCKED_STATUSES = frozenset(Status) - EDITABLE_STATUSES
 
 DEFINITION_FIELDS = ContainerJob.DEFINITION_FIELDS
 
+# Browsers send a textarea's lines ending in CRLF; the other characters str.splitlines()
+# breaks on are left inside values, so that a value holding one is not cut in two.
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
+
+# Control characters, line and paragraph separators (they break or vanish in a textarea)
+# and surrogates (they cannot be sent as UTF-8) are written as \u escapes in a quoted value.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
+_NUL = "\x00"
+
+
+def _needs_quotes(value: str) -> bool:
+    return (
+        value != value.strip()
+        or value.startswith('"')
+        or any(unicodedata.category(char) in _ESCAPED_CATEGORIES for char in value)
+    )
+
+
+def quote_value(value: str) -> str:
+    """``value`` as written after ``KEY=``: as it is, or as a JSON string when plain text
+    would be read back differently or would hide characters."""
+    if not _needs_quotes(value):
+        return value
+    # Keeping non-ASCII text readable, the JSON encoder escapes only C0 controls, quotes
+    # and backslashes; the other characters of _ESCAPED_CATEGORIES are escaped here.
+    return "".join(
+        f"\\u{ord(char):04x}" if unicodedata.category(char) in _ESCAPED_CATEGORIES else char
+        for char in json.dumps(value, ensure_ascii=False)
+    )
+
 
 def format_environment(environment: dict[str, Any], masked: bool = True) -> str:
-    """``KEY=value`` lines, secret-looking values replaced by the mask when ``masked``."""
+    """``KEY=value`` lines, secret-looking values replaced by the mask when ``masked``.
+
+    :func:`parse_environment` reads the text back to the same dict of strings (with the
+    mask as the value of each masked variable).
+    """
     lines = []
     for key, value in environment.items():
-        shown = MASK if masked and is_secret_key(str(key)) else value
-        lines.append(f"{key}={shown}")
+        shown = MASK if masked and is_secret_key(str(key)) else str(value)
+        lines.append(f"{key}={quote_value(shown)}")
     return "\n".join(lines)
+
+
+def _nul_error(number: int) -> ValidationError:
+    return ValidationError(
+        _(
+            "Line %(line)s holds a NUL character (\\x00 or \\u0000), which cannot be "
+            "stored; remove it."
+        ),
+        code="environment_nul",
+        params={"line": number},
+    )
 
 
 def parse_environment(text: str) -> dict[str, str]:
     """Parse ``KEY=value`` lines into a dict; ValidationError lists every bad line.
 
-    Blank lines and lines starting with ``#`` are ignored. The value is everything after
-    the first ``=``, with surrounding spaces removed, so ``URL=a=b`` keeps ``a=b``.
+    Blank lines and lines starting with ``#`` are ignored. Spaces around the name are
+    ignored; the value is everything after the first ``=``, exactly as typed, so
+    ``URL=a=b`` keeps ``a=b`` and ``A= 1`` keeps `` 1``. A value starting with ``"`` is
+    read as one JSON string: ``A="two\\nlines"``.
     """
     result: dict[str, str] = {}
     first_seen: dict[str, int] = {}
     errors: list[ValidationError] = []
-    for number, raw in enumerate((text or "").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    for number, raw in enumerate(_LINE_BREAK_RE.split(text or ""), start=1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
             continue
-        key, sep, value = line.partition("=")
-        key = key.strip()
+        if _NUL in raw:
+            errors.append(_nul_error(number))
+            continue
+        name, sep, rest = raw.partition("=")
+        key = name.strip()
         if not sep:
             errors.append(
                 ValidationError(
                     _("Line %(line)s: '%(text)s' has no '='; write NAME=value."),
                     code="environment_no_equals",
-                    params={"line": number, "text": line[:80]},
+                    params={"line": number, "text": stripped[:80]},
                 )
             )
             continue
@@ -95,10 +166,53 @@ def parse_environment(text: str) -> dict[str, str]:
             )
             continue
         first_seen[key] = number
-        result[key] = value.strip()
+        if not rest.startswith('"'):
+            result[key] = rest
+            continue
+        try:
+            # strict=False lets a pasted tab stand inside the quotes as itself.
+            value = json.loads(rest, strict=False)
+        except json.JSONDecodeError as exc:
+            errors.append(
+                ValidationError(
+                    _(
+                        "Line %(line)s: the value of '%(key)s' starts with \" but is not one "
+                        "JSON string (%(error)s: column %(column)s); inside the quotes "
+                        'write \\" for " and \\\\ for \\.'
+                    ),
+                    code="environment_bad_quoted_value",
+                    params={
+                        "line": number,
+                        "key": key,
+                        "error": exc.msg,
+                        "column": len(name) + 2 + exc.pos,
+                    },
+                )
+            )
+            continue
+        if _NUL in value:
+            errors.append(_nul_error(number))
+            continue
+        if any("\ud800" <= char <= "\udfff" for char in value):
+            errors.append(
+                ValidationError(
+                    _(
+                        "Line %(line)s: the value of '%(key)s' holds a \\u escape of a lone "
+                        "surrogate (\\ud800 to \\udfff), which is not a character."
+                    ),
+                    code="environment_surrogate",
+                    params={"line": number, "key": key},
+                )
+            )
+            continue
+        result[key] = value
     if errors:
         raise ValidationError(errors)
     return result
+
+
+def _same_lines(first: str, second: str) -> bool:
+    return _LINE_BREAK_RE.split(first) == _LINE_BREAK_RE.split(second)
 
 
 class EnvironmentField(forms.Field):
@@ -116,8 +230,11 @@ class EnvironmentField(forms.Field):
             "help_text",
             _(
                 "One NAME=value per line; blank lines and lines starting with # are "
-                "ignored. Values of names containing PASSWORD, SECRET, TOKEN or KEY are "
-                "shown as %(mask)s: leave the mask to keep the stored value."
+                "ignored. The value is everything after the first =, exactly as typed. "
+                'A value starting with " is a JSON string: NAME="two\\nlines" (values '
+                'with line breaks, tabs, leading or trailing spaces or a leading " are '
+                "shown that way). Values of names containing PASSWORD, SECRET, TOKEN or "
+                "KEY are shown as %(mask)s: leave the mask to keep the stored value."
             )
             % {"mask": MASK},
         )
@@ -159,6 +276,12 @@ class EnvironmentField(forms.Field):
         return result
 
     def has_changed(self, initial: Any, data: Any) -> bool:
+        # The text the form showed, sent back as it was, is no change even where parsing
+        # would not give back the stored dict (a value that is not a string): the
+        # environment is then left out of the save.
+        shown = self.prepare_value(initial or {})
+        if isinstance(data, str) and isinstance(shown, str) and _same_lines(data, shown):
+            return False
         try:
             new = self.to_python(data)
         except ValidationError:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import django
 from django.conf import settings
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, router, transaction
 from django.db.models import Q
@@ -406,6 +406,27 @@ class ContainerJob(models.Model):
             self._take_engine_state(row, written=fields)
         self._remember_engine_state(None if update_fields is None else fields)
 
+    def clean_fields(self, exclude: Collection[str] | None = None) -> None:
+        """Django's checks of each field, after refusing the definition values that its
+        conversion would crash on or silently change and the text PostgreSQL cannot
+        store (``validators.validate_raw_value``); errors are keyed by field name."""
+        skipped = set(exclude or ())
+        errors: dict[str, list[ValidationError]] = {}
+        for name in self.DEFINITION_FIELDS:
+            field = self._meta.get_field(name)
+            if name in skipped or not isinstance(field, models.Field):
+                continue
+            try:
+                validators.validate_raw_value(field, getattr(self, field.attname))
+            except ValidationError as error:
+                errors[name] = error.error_list
+        try:
+            super().clean_fields(exclude=skipped | set(errors))
+        except ValidationError as error:
+            errors.update(error.error_dict)
+        if errors:
+            raise ValidationError(errors)
+
     @classmethod
     def engine_fields(cls) -> tuple[str, ...]:
         """The fields the queue and its workers own: status, queue, claim and execution."""
@@ -671,7 +692,15 @@ class ContainerJob(models.Model):
     # -- Celery-style API ---------------------------------------------------------------
 
     def delay(self) -> AsyncResult:
-        """Queue the job now; the Celery task is sent when the transaction commits."""
+        """Validate, save and queue the job now; the Celery task is sent when the
+        transaction commits.
+
+        The whole instance is validated first, always (``full_clean``), whether it is new
+        or saved: an invalid one raises ``ValidationError`` naming each bad field and
+        nothing is written. A new job is inserted; a saved one is written as ``save()``
+        writes it, so definition fields changed on the instance are saved with the
+        queueing, in the same transaction (and not at all if the queueing fails).
+        """
         return self.apply_async()
 
     def apply_async(
@@ -680,7 +709,11 @@ class ContainerJob(models.Model):
         countdown: float | None = None,
         priority: int | None = None,
     ) -> AsyncResult:
-        """Queue the job (at ``eta`` or after ``countdown`` seconds) and return its result."""
+        """Like :meth:`delay`, at ``eta`` or after ``countdown`` seconds, with ``priority``
+        (0-100) for this job. The options are validated with the instance, before anything
+        is written: ``eta`` an aware datetime (naive without USE_TZ), ``countdown`` a finite
+        number of seconds, neither more than 3650 days ahead; a ``ValidationError`` names
+        each bad one (``{"eta": [...]}``)."""
         from .api import enqueue
 
         return enqueue(self, eta=eta, countdown=countdown, priority=priority)

@@ -17,7 +17,7 @@ from typing import Any
 from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
 
-from . import claims, following, states, watching
+from . import claims, dispatch, following, states, watching
 from .conf import app_settings
 from .exceptions import ExecutorError, InvalidTransition
 from .executors import executor_for
@@ -81,9 +81,14 @@ class JobQueueManager:
             raise ValueError(f"Job {job.pk} is {job.status} and cannot be queued now")
         fields: dict[str, Any] = {"dispatched_at": None}
         if priority is not None:
+            from django.core.exceptions import ValidationError
+
             from .validators import validate_priority
 
-            validate_priority(priority)
+            try:
+                validate_priority(priority)
+            except ValidationError as error:
+                raise ValidationError({"priority": error.error_list}) from None
             fields["priority"] = priority
         if celery_task_id is not None:
             fields["celery_task_id"] = celery_task_id
@@ -162,7 +167,7 @@ class JobQueueManager:
 
     def _launch(self, job: ContainerJob) -> LaunchOutcome:
         if job.status != Status.LAUNCHING or job.claimed_by != self.worker_id:
-            claimed = claims.claim_job(job.pk, self.worker_id, in_turn=False)
+            claimed = claims.claim_job(job.pk, self.worker_id)
             if claimed is None:
                 job.refresh_from_db()
                 return LaunchOutcome(
@@ -217,17 +222,27 @@ class JobQueueManager:
     def run_job(
         self,
         job_id: Any,
-        in_turn: bool = True,
+        this_job_only: bool = False,
         on_started: Callable[[ContainerJob, str], None] | None = None,
     ) -> tuple[ContainerJob | None, following.Progress | None]:
-        """Claim (or take over) one job and launch or adopt its container; return at once.
+        """Serve one run message for ``job_id``: claim and launch, or take over; return at
+        once.
+
+        The message is a right to start one job on its route, so the claim takes the best
+        ready job that fits a free slot among those sharing ``job_id``'s queue (priority,
+        then FIFO): the returned job may be another one. ``this_job_only`` claims exactly
+        ``job_id`` (eager mode). When nothing can be claimed, ``job_id`` itself is taken
+        over if its lease expired.
 
         The run is detached: once the container runs, the watcher that leads its host
-        finishes the job. Returns (None, None) when the job cannot be claimed by us now:
-        it is not waiting, not due, not its turn, or another worker holds it. This is what
-        makes a duplicate or replayed message harmless.
+        finishes the job. Returns (None, None) when there is nothing to do: no ready job
+        fits a free slot, and ``job_id`` is not a stale one. This is what makes a duplicate
+        or replayed message harmless.
         """
-        job = claims.claim_job(job_id, self.worker_id, in_turn=in_turn)
+        if this_job_only:
+            job = claims.claim_job(job_id, self.worker_id)
+        else:
+            job = claims.claim_next(self.worker_id, route_of=job_id)
         if job is not None:
             outcome = launch_claimed(job, self.executor(job), on_started=on_started)
             if outcome.success:
@@ -288,51 +303,12 @@ class JobQueueManager:
         return job
 
     def due_for_dispatch(self, max_concurrent: int | None = None) -> list[ContainerJob]:
-        """Ready jobs to send Celery messages for, within free capacity, best first.
-
-        A job qualifies when it is among the jobs a claim would take next and no message
-        is in flight for it: never sent, consumed without a claim (``dispatched_at`` is
-        cleared then), or sent longer ago than ``REDISPATCH_SECONDS`` (presumed lost).
-        One conditional UPDATE marks them, so two dispatchers never send a job twice.
-        """
-        limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
-        free = limit - ContainerJob.objects.holding_slots().count()
-        ids = claims.eligible_ready_ids(free)
-        if not ids:
-            return []
-        return self._mark_dispatched(ids, app_settings.REDISPATCH_SECONDS, states.WAITING)
-
-    def _mark_dispatched(
-        self, ids: Sequence[Any], resend_after: float, statuses: frozenset[str]
-    ) -> list[ContainerJob]:
-        now = timezone.now()
-        stale = now - timedelta(seconds=resend_after)
-        unsent = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)
-        # Usually every candidate still has its message in flight: one read finds that,
-        # instead of one UPDATE per candidate that matches nothing.
-        wanted = {
-            _as_uuid(pk)
-            for pk in ContainerJob.objects.filter(
-                Q(pk__in=ids, status__in=statuses) & unsent
-            ).values_list("pk", flat=True)
-        }
-        if not wanted:
-            return []
-        marked = []
-        for job_id in ids:
-            if _as_uuid(job_id) not in wanted:
-                continue
-            if ContainerJob.objects.filter(Q(pk=job_id, status__in=statuses) & unsent).update(
-                dispatched_at=now
-            ):
-                marked.append(job_id)
-        jobs = ContainerJob.objects.filter(pk__in=marked).select_related("docker_host")
-        order = {job_id: index for index, job_id in enumerate(marked)}
-        return sorted(jobs, key=lambda job: order[job.pk])
+        """Ready jobs to send run messages for now, marked as sent (see ``dispatch``)."""
+        return dispatch.due_jobs(max_concurrent)
 
     def forget_dispatch(self, job_id: Any) -> None:
-        """A message for this job was consumed without a claim: allow a new one."""
-        ContainerJob.objects.filter(pk=job_id, claimed_by="").update(dispatched_at=None)
+        """A message for this job was used without claiming it: allow a new one."""
+        dispatch.forget(job_id)
 
     def leftover_containers(self, include_unlabelled: bool = False) -> list[Leftover]:
         """The containers cleanup removes, each with the reason: those of this installation

@@ -1,13 +1,15 @@
 """Celery tasks: thin drivers of the queue engine.
 
-``run_container_job`` takes one job id. It claims the job with one atomic statement (or
-takes it over when its previous worker's lease expired), launches or adopts the container
-and returns: the worker slot is busy for the seconds a launch takes, not for the
-container's runtime. The watcher that leads the job's host (``watching.py``) finishes the
-job, and ``results.py`` stores its result under the job's ``celery_task_id``, which every
-message for the job carries. A message that cannot claim — a duplicate, a replay, a job
-that is not its turn — is acknowledged and changes nothing. The task itself always ends
-with ``Ignore``, so it never stores a result that could overwrite the job's.
+``run_container_job`` takes one job id. Its message is a right to start one job on its
+route: it claims, with one atomic statement, the best ready job that fits a free slot
+among those routed like that job (usually the job itself; a better one if one waits, see
+``claims.py``), or takes the job over when its previous worker's lease expired, launches
+or adopts the container and returns: the worker slot is busy for the seconds a launch
+takes, not for the container's runtime. The watcher that leads the job's host
+(``watching.py``) finishes the job, and ``results.py`` stores its result under the job's
+own ``celery_task_id``, whichever message started it. A message that cannot claim — a
+duplicate, a replay, no free slot — is acknowledged and changes nothing. The task itself
+always ends with ``Ignore``, so it never stores a result that could overwrite a job's.
 
 Messages are acknowledged when received (``acks_late=False``): the database, not the broker,
 remembers unfinished work, so a broker's visibility timeout can never start a second
@@ -24,10 +26,12 @@ from typing import Any
 
 from celery import shared_task
 from celery.exceptions import Ignore
+from django.db import transaction
 from django.utils import timezone
 
 from . import following
 from .api import job_result, send_run_message
+from .conf import app_settings
 from .exceptions import ContainerJobFailed
 from .following import Progress
 from .models import ContainerJob
@@ -53,9 +57,12 @@ def run_container_job(self: Any, job_id: str) -> None:
 
     def report_running(job: ContainerJob, container_id: str) -> None:
         # Runs before the row says running, so before anything can store the final result.
-        if self.request.id and not self.request.is_eager:
+        # Under the job's own task id: this message may have started a better job than
+        # the one it was sent for.
+        if job.celery_task_id and not self.request.is_eager:
             self.update_state(
                 state="RUNNING",
+                task_id=job.celery_task_id,
                 meta={
                     "job_id": str(job.pk),
                     "container_id": container_id,
@@ -63,16 +70,31 @@ def run_container_job(self: Any, job_id: str) -> None:
                     "attempt": job.attempt,
                 },
             )
+            if str(job.pk) != str(job_id):
+                _announce_started(self, job)
 
     job, progress = manager.run_job(job_id, on_started=report_running)
-    if job is None:
-        # Not ours to run now. If it still waits, let dispatch send it again in its turn.
+    if job is None or str(job.pk) != str(job_id):
+        # This message's job still waits (or no longer does): its message is used up, so
+        # let dispatch send it a new one in its turn.
         manager.forget_dispatch(job_id)
+    if job is None:
         dispatch_ready_jobs.run()
         raise Ignore()
     if progress is not Progress.RUNNING:
         dispatch_ready_jobs.run()  # the launch ended the attempt: its slot is free
     raise Ignore()
+
+
+def _announce_started(task: Any, job: ContainerJob) -> None:
+    """Tell Flower a job started whose own message has not been consumed yet."""
+    if not app_settings.SEND_TASK_EVENTS:
+        return
+    try:
+        with task.app.events.default_dispatcher(hostname=task.request.hostname) as events:
+            events.send("task-started", uuid=job.celery_task_id)
+    except Exception as exc:  # events are best effort: the broker may be down
+        logger.info("job %s: could not send task-started (%s)", job.pk, exc)
 
 
 @shared_task(name="django_container_celery.dispatch_ready_jobs")
@@ -106,10 +128,13 @@ def cleanup_old_jobs(days: int | None = None) -> dict[str, int]:
 @shared_task(name="django_container_celery.create_container_job")
 def create_container_job(template: str | None = None, **definition: Any) -> str:
     """Create a job (from a template job's definition, overridden by ``definition``) and
-    queue it. Point a django-celery-beat PeriodicTask at this task for periodic jobs."""
-    from .api import create_job_from
+    queue it. Point a django-celery-beat PeriodicTask at this task for periodic jobs.
 
-    job = create_job_from(template, **definition)
+    A missing template or host, or an invalid definition, raises ``ValidationError``
+    naming the field; the job is saved and queued in one transaction, or not at all."""
+    from .api import job_from
+
+    job = job_from(template, **definition)
     job.delay()
     return str(job.pk)
 
@@ -124,19 +149,30 @@ def run_job_inline(
     A step therefore holds one worker slot for its container's runtime (the price of
     passing results on inside Celery's canvas). While it waits it also looks at its own
     container every ``POLL_INTERVAL`` seconds, so it ends even where no watcher runs; the
-    watcher, when there is one, usually records the exit first. When the job cannot
-    start now (no capacity, backing off) the task retries itself until the job is final.
+    watcher, when there is one, usually records the exit first. Like a run message, the
+    step's claim starts the best ready job on its route, which may be another one; when
+    its own job cannot start now (no capacity, backing off, a better job took the slot)
+    the task retries itself until the job is final.
     """
-    from .conf import app_settings
-
     job = ContainerJob.objects.filter(celery_task_id=task.request.id).first()
     if job is None:
-        job = container_task.build_job(args, kwargs)
-        queue_manager.queue_job(job)
-        # Marked as dispatched: this task runs it; dispatch only steps in if it dies.
-        ContainerJob.objects.filter(pk=job.pk).update(
-            celery_task_id=task.request.id, dispatched_at=timezone.now()
-        )
+        from django.core.exceptions import ValidationError
+
+        from .exceptions import InvalidJobDefinition
+
+        try:
+            # One transaction: a step that dies here leaves no pending row behind.
+            with transaction.atomic():
+                job = container_task.build_job(args, kwargs)
+                queue_manager.queue_job(job)
+                # Marked as dispatched: this task runs it; dispatch steps in if it dies.
+                ContainerJob.objects.filter(pk=job.pk).update(
+                    celery_task_id=task.request.id, dispatched_at=timezone.now()
+                )
+        except ValidationError as error:
+            # Django's error does not survive a JSON result backend readably; this flat
+            # one does, and the task lists it in ``throws``: no traceback in the log.
+            raise InvalidJobDefinition.from_validation_error(error) from None
     if task.request.is_eager:
         from .eager import run_to_end
 
@@ -145,7 +181,7 @@ def run_job_inline(
             raise failure_of(job)
         return job_result(job)
     manager = JobQueueManager()
-    manager.run_job(job.pk, in_turn=False)
+    manager.run_job(job.pk)
     job.refresh_from_db()
     poll = max(0.05, float(app_settings.POLL_INTERVAL))
     while job.status in (Status.LAUNCHING, Status.RUNNING):

@@ -3,6 +3,8 @@ worker is ready, stopped when the worker has shut down.
 
 This is driver code: the watcher itself (``watching.py``) is engine code and knows
 nothing of Celery. ``CONTAINER_CELERY["WATCHER"] = False`` turns it off.
+
+A worker whose ``CONTAINER_CELERY`` fails the app's system checks does not start at all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import threading
 from typing import Any
 
 from celery import signals
+from django.core.checks import run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
 from . import results
@@ -74,6 +78,36 @@ _dispatcher: NextJobDispatcher | None = None
 def current_watcher() -> Watcher | None:
     """The watcher of this worker process, if one runs."""
     return _watcher
+
+
+def check_settings() -> None:
+    """Raise ``ImproperlyConfigured`` listing the errors of this app's system checks
+    (``CONTAINER_CELERY``); log its warnings. Silenced checks are left out, as by
+    ``manage.py check``."""
+    from .checks import TAG
+
+    messages = [m for m in run_checks(tags=[TAG]) if not m.is_silenced()]
+    for message in messages:
+        if not message.is_serious():
+            logger.warning("(%s) %s %s", message.id, message.msg, message.hint or "")
+    errors = [m for m in messages if m.is_serious()]
+    if errors:
+        lines = [f"({m.id}) {m.msg}" + (f"\n    HINT: {m.hint}" if m.hint else "") for m in errors]
+        raise ImproperlyConfigured(
+            f"CONTAINER_CELERY has {len(errors)} error(s):\n" + "\n".join(lines)
+        )
+
+
+@signals.worker_init.connect(dispatch_uid="django_container_celery.worker.check")
+def refuse_bad_settings(sender: Any = None, **kwargs: Any) -> None:
+    try:
+        check_settings()
+    except ImproperlyConfigured as exc:
+        # Celery catches an Exception raised by a signal receiver, logs it (through logging
+        # not set up yet at worker_init, so nowhere) and starts the worker anyway.
+        # SystemExit is no Exception: the worker process ends with status 1 and Python
+        # prints the message on stderr.
+        raise SystemExit(f"Celery worker not started: ImproperlyConfigured: {exc}") from exc
 
 
 @signals.worker_ready.connect(dispatch_uid="django_container_celery.worker.start")

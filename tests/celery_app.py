@@ -10,7 +10,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 app = Celery("dcc_tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.imports = ("django_container_celery.tasks", "tests.container_tasks")
+app.conf.imports = (
+    "django_container_celery.tasks",
+    "tests.container_tasks",
+    "tests.priority_tasks",
+)
 
 
 @app.on_after_configure.connect

@@ -113,9 +113,11 @@ class CeleryCluster:
         self.procs.append(proc)
         return proc
 
-    def worker(self, name: str = "w1", concurrency: int = 2, queues: str = "") -> Proc:
+    def worker(
+        self, name: str = "w1", concurrency: int = 2, queues: str = "", extra: tuple[str, ...] = ()
+    ) -> Proc:
         args = ["worker", "-l", "info", "-c", str(concurrency), "-n", f"{name}@%h", "-E"]
-        args += ["--without-gossip", "--without-mingle", "-P", "prefork"]
+        args += ["--without-gossip", "--without-mingle", "-P", "prefork", *extra]
         if queues:
             args += ["-Q", queues]
         proc = self.celery(f"worker-{name}", *args)

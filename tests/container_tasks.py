@@ -19,3 +19,9 @@ def say(word: str) -> str:
 @container_task(image=IMAGE, max_retries=0, timeout_seconds=60)
 def shout(previous: dict[str, Any]) -> str:
     return f"echo {previous['stdout'].strip()}-again"
+
+
+@container_task(image=IMAGE, max_retries=0, timeout_seconds=60)
+def shell_line(line: str) -> str:
+    """The caller's line is the command, as is: a bad one fails the step in the worker."""
+    return line

@@ -683,9 +683,10 @@ def test_environment_errors_name_the_line(operator: Client) -> None:
 
 
 def test_parse_environment() -> None:
+    # Spaces around a name are ignored; the value is kept exactly as typed.
     assert parse_environment("# comment\n\nA=1\n B = two words \nURL=a=b\nEMPTY=") == {
         "A": "1",
-        "B": "two words",
+        "B": " two words ",
         "URL": "a=b",
         "EMPTY": "",
     }

@@ -120,12 +120,12 @@ def test_container_task_delay_validates_in_the_caller(test_image: str) -> None:
 
     from django_container_celery import container_task
 
-    @container_task(image="Not A Valid Image")
-    def broken() -> str:
+    @container_task(image=test_image)
+    def broken(image: str) -> str:
         return "echo never"
 
     with pytest.raises(ValidationError) as info:
-        broken.delay()
-    assert "docker_image" in info.value.message_dict
+        broken.apply_async(("x",), priority=500)
+    assert "priority" in info.value.message_dict
     assert not ContainerJob.objects.exists()
     wait_for(lambda: True, 0.1)

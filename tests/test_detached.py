@@ -5,10 +5,8 @@ them running, and another worker's watcher finishes them; a killed leader is rep
 from __future__ import annotations
 
 import collections
-import contextlib
 import re
 import signal
-import threading
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ from django_container_celery.watching import WATCH_LOCK_CLASS
 
 from .celery_support import Proc, celery_cluster, wait_for
 from .conftest import containers_of
+from .docker_events import StartEvents
 
 pytestmark = [
     pytest.mark.celery,
@@ -51,31 +50,6 @@ def running_containers(docker_client: Any, jobs: list[ContainerJob]) -> int:
     wanted = {str(job.pk) for job in jobs}
     found = docker_client.api.containers(filters={"label": "dcc.job_id", "status": "running"})
     return sum(1 for entry in found if (entry.get("Labels") or {}).get("dcc.job_id") in wanted)
-
-
-class StartEvents:
-    """Counts container start events per job label, live from the daemon's stream (its
-    replay buffer is too short for a whole run)."""
-
-    def __init__(self, docker_client: Any) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
-        self._stream = docker_client.api.events(
-            filters={"type": "container", "event": "start", "label": "dcc.job_id"}, decode=True
-        )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        with contextlib.suppress(Exception):  # closed under us at the end
-            for event in self._stream:
-                attributes = (event.get("Actor") or {}).get("Attributes") or {}
-                self.counts[str(attributes.get("dcc.job_id", ""))] += 1
-
-    def per_job(self, jobs: list[ContainerJob]) -> dict[str, int]:
-        time.sleep(0.5)  # let the last events arrive
-        with contextlib.suppress(Exception):
-            self._stream.close()
-        return {str(job.pk): self.counts[str(job.pk)] for job in jobs}
 
 
 def remove_all(docker_client: Any, jobs: list[ContainerJob]) -> None:

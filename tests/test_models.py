@@ -153,7 +153,7 @@ def claimed_job(**fields: object) -> tuple[ContainerJob, ContainerJob]:
     job = make_job(**fields)
     job.mark_as_queued()
     stale = ContainerJob.objects.get(pk=job.pk)
-    claimant = claims.claim_job(job.pk, "worker-1", in_turn=False)
+    claimant = claims.claim_job(job.pk, "worker-1")
     assert claimant is not None and claimant.status == Status.LAUNCHING
     return stale, claimant
 
@@ -212,7 +212,7 @@ def test_next_claim_after_a_stale_save_takes_a_new_container_name() -> None:
     stale.name = "renamed"
     stale.save()
     claims.release(claimant)
-    again = claims.claim_job(stale.pk, "worker-2", in_turn=False)
+    again = claims.claim_job(stale.pk, "worker-2")
     assert again is not None and again.attempt == 2
     assert again.container_name != first_name
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import requests
+from django.conf import settings
+from django.test import override_settings
 from django.utils import timezone
 
 from django_container_celery.executors.memory import FakeRun, MemoryExecutor
@@ -274,15 +276,45 @@ def test_per_host_capacity_and_placement(qm: JobQueueManager, mem: MemoryExecuto
     assert ContainerJob.objects.get(pk=pinned[1].pk).status == Status.QUEUED
 
 
-def test_claim_in_turn_follows_priority(qm: JobQueueManager) -> None:
+def test_a_message_starts_the_best_waiting_job_not_its_own(
+    qm: JobQueueManager, mem: MemoryExecutor
+) -> None:
+    low = queued(10)
+    high = queued(90)
+    with override_settings(
+        CONTAINER_CELERY={**settings.CONTAINER_CELERY, "MAX_CONCURRENT_JOBS": 1}
+    ):
+        started, _ = qm.run_job(low.pk)  # the low job's message arrives first
+        assert started is not None and started.pk == high.pk
+        assert qm.run_job(high.pk) == (None, None)  # no free slot: nothing, harmlessly
+    assert [spec.labels["dcc.job_id"] for spec in mem.started] == [str(high.pk)]
+    assert ContainerJob.objects.get(pk=low.pk).status == Status.QUEUED
+
+
+def test_exactly_this_job_when_asked(qm: JobQueueManager) -> None:
     from django_container_celery import claims
 
     low = queued(10)
-    high = queued(90)
-    assert claims.claim_job(low.pk, "w", max_concurrent=1) is None
-    assert claims.claim_job(high.pk, "w", max_concurrent=1) is not None
-    assert claims.claim_job(low.pk, "w", max_concurrent=1) is None  # full now
-    assert claims.claim_job(low.pk, "w", max_concurrent=2) is not None
+    queued(90)
+    claimed = claims.claim_job(low.pk, "w", max_concurrent=1)
+    assert claimed is not None and claimed.pk == low.pk
+    assert claims.claim_job(low.pk, "w", max_concurrent=1) is None  # not waiting any more
+
+
+def test_a_message_stays_on_its_route_with_per_host_queues(qm: JobQueueManager) -> None:
+    a = ExecutorHost.objects.create(name="a", max_concurrent_jobs=5)
+    b = ExecutorHost.objects.create(name="b", max_concurrent_jobs=5)
+    on_a = queued(10, docker_host=a)
+    on_b = queued(90, docker_host=b)
+    unpinned = queued(80)
+    routed = {**settings.CONTAINER_CELERY, "PER_HOST_QUEUES": True}
+    with override_settings(CONTAINER_CELERY=routed):
+        started, _ = qm.run_job(on_a.pk)  # consumed from queue dcc.a
+        assert started is not None and started.pk == on_a.pk
+        started, _ = qm.run_job(unpinned.pk)  # the shared queue: unpinned jobs only
+        assert started is not None and started.pk == unpinned.pk
+    started, _ = qm.run_job(on_a.pk)  # one queue for all: the best job anywhere
+    assert started is not None and started.pk == on_b.pk
 
 
 def test_duplicate_run_is_harmless(qm: JobQueueManager, mem: MemoryExecutor) -> None:

@@ -1,0 +1,77 @@
+"""Where dispatch decides which jobs get a run message, and when.
+
+A run message is a right to start one job on its route (see ``claims.py``: its claim
+takes the best ready job that fits a free slot). Dispatch keeps enough of them in flight
+and no more: each of the first ready jobs that fit the free capacity, in claim order, has
+one message in flight. ``dispatched_at`` on the row says a message is in flight; it is
+cleared when a message is used without claiming its own job (``forget``), when an attempt
+ends, and it is ignored once older than ``REDISPATCH_SECONDS`` (the message is presumed
+lost: the broker was down, or a worker died holding it).
+
+``delay()`` sends the first message of a job as its transaction commits; beat's
+``dispatch_ready_jobs`` and the watchers, after each job ends, call ``due_jobs`` for the
+rest: scheduled jobs whose time has come, retries whose back-off is over, lost messages.
+The Celery side (sending) is in ``api.send_run_message``; nothing here imports Celery.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import Q
+
+from . import claims, states
+from .conf import app_settings
+from .models import ContainerJob, database_now
+
+
+def due_jobs(max_concurrent: int | None = None) -> list[ContainerJob]:
+    """Ready jobs to send run messages for now, best first, each marked as sent.
+
+    A job qualifies when it is among the jobs a claim would take next within the free
+    capacity and no message is in flight for it. One conditional UPDATE per job marks it,
+    so two dispatchers never send the same job at once.
+    """
+    limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
+    free = limit - ContainerJob.objects.holding_slots().count()
+    ids = claims.eligible_ready_ids(free)
+    if not ids:
+        return []
+    return _mark_sent(ids)
+
+
+def forget(job_id: Any) -> None:
+    """A message for this job was used without claiming it: the job may get a new one."""
+    ContainerJob.objects.filter(pk=job_id, claimed_by="").update(dispatched_at=None)
+
+
+def _mark_sent(ids: Sequence[Any]) -> list[ContainerJob]:
+    now = database_now()
+    stale = now - timedelta(seconds=app_settings.REDISPATCH_SECONDS)
+    unsent = Q(status__in=states.WAITING) & (
+        Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)
+    )
+    # Usually every candidate still has its message in flight: one read finds that,
+    # instead of one UPDATE per candidate that matches nothing.
+    wanted = {
+        _as_uuid(pk)
+        for pk in ContainerJob.objects.filter(Q(pk__in=ids) & unsent).values_list("pk", flat=True)
+    }
+    marked = [
+        job_id
+        for job_id in ids
+        if _as_uuid(job_id) in wanted
+        and ContainerJob.objects.filter(Q(pk=job_id) & unsent).update(dispatched_at=now)
+    ]
+    if not marked:
+        return []
+    jobs = ContainerJob.objects.filter(pk__in=marked).select_related("docker_host")
+    order = {_as_uuid(job_id): index for index, job_id in enumerate(marked)}
+    return sorted(jobs, key=lambda job: order[job.pk])
+
+
+def _as_uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
