@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from concurrent import futures
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -41,6 +41,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext_lazy as _
 
+from . import placement, states
 from .admin_views import (
     LOG_STREAMS,
     OPERATIONS,
@@ -65,6 +66,7 @@ from .forms import (
     format_environment,
     quote_value,
 )
+from .hosts import cpu_use, memory_use, read_capacity, write_capacity
 from .masking import mask_environment, mask_text
 from .models import PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, ContainerJob, ExecutorHost
 
@@ -490,6 +492,8 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
         if obj is None:
             return [definition, (_("Queue"), {"fields": queue_settings})]
         state_note = _("Written by the queue and the workers; change it with the actions above.")
+        # Asked only of waiting jobs: the answer reads every host's room.
+        waiting = ("why_waiting",) if obj.status in states.WAITING else ()
         if locked and obj.status in LOCKED_STATUSES:
             definition[1]["description"] = _(
                 "This job is %(status)s: its definition is kept as it ran and can no "
@@ -505,6 +509,7 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
                         *queue_settings,
                         ("queue_status_badge", "status_badge"),
                         ("queued_at", "scheduled_for", "launched_at"),
+                        *waiting,
                         ("retry_count", "dispatched_at"),
                         ("last_error_at", "last_error_masked"),
                     ),
@@ -538,6 +543,13 @@ class ContainerJobAdmin(ActionPermissionMixin, admin.ModelAdmin):
     def last_error_masked(self, job: ContainerJob) -> str:
         # An error may quote the container's output, and so one of the job's secrets.
         return mask_text(job.last_error, job.environment)
+
+    @admin.display(description=_("Why is this job waiting?"))
+    def why_waiting(self, job: ContainerJob) -> SafeString:
+        return format_html(
+            '<ul class="dcc-why-waiting">{}</ul>',
+            format_html_join("", "<li>{}</li>", ((line,) for line in placement.why_waiting(job))),
+        )
 
     @admin.display(description=_("Container name"))
     def container_name(self, job: ContainerJob) -> str:
@@ -845,35 +857,46 @@ def _flatten(fields: Any) -> list[str]:
 PING_TIMEOUT = 10.0
 
 
+T = TypeVar("T")
+
+
+def ask_hosts(
+    hosts: list[ExecutorHost], ask: Callable[[ExecutorHost], T], timeout: float = PING_TIMEOUT
+) -> list[tuple[ExecutorHost, T | None, str | None]]:
+    """Ask every host's daemon at once; (host, answer, None) when it answered, else
+    (host, None, error). ``ask`` runs in a thread, so it must not use the database."""
+    if not hosts:
+        return []
+    pool = futures.ThreadPoolExecutor(max_workers=min(8, len(hosts)))
+    try:
+        pending = {pool.submit(ask, host): host for host in hosts}
+        futures.wait(pending, timeout=timeout)
+        results: list[tuple[ExecutorHost, T | None, str | None]] = []
+        for future, host in pending.items():
+            if not future.done():
+                results.append((host, None, f"no answer within {timeout:g} s"))
+                continue
+            error = future.exception()
+            if error is None:
+                results.append((host, future.result(), None))
+            elif isinstance(error, ExecutorError):
+                results.append((host, None, str(error)))
+            else:
+                results.append((host, None, f"{type(error).__name__}: {error}"))
+        return results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def ping_hosts(
     hosts: list[ExecutorHost], timeout: float = PING_TIMEOUT
 ) -> list[tuple[ExecutorHost, str | None]]:
     """Ping every host's daemon at once; (host, None) when it answered, else the error."""
-    if not hosts:
-        return []
 
     def ping(host: ExecutorHost) -> None:
         executor_for(host).ping()
 
-    pool = futures.ThreadPoolExecutor(max_workers=min(8, len(hosts)))
-    try:
-        pending = {pool.submit(ping, host): host for host in hosts}
-        futures.wait(pending, timeout=timeout)
-        results: list[tuple[ExecutorHost, str | None]] = []
-        for future, host in pending.items():
-            if not future.done():
-                results.append((host, f"no answer within {timeout:g} s"))
-                continue
-            error = future.exception()
-            if error is None:
-                results.append((host, None))
-            elif isinstance(error, ExecutorError):
-                results.append((host, str(error)))
-            else:
-                results.append((host, f"{type(error).__name__}: {error}"))
-        return results
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    return [(host, error) for host, _answer, error in ask_hosts(hosts, ping, timeout)]
 
 
 @admin.register(ExecutorHost)
@@ -905,7 +928,17 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
                 )
             },
         ),
-        (_("Capacity"), {"fields": ("max_concurrent_jobs", "weight", "load")}),
+        (
+            _("Capacity"),
+            {
+                "fields": (
+                    "max_concurrent_jobs",
+                    "weight",
+                    "load",
+                    ("memory_capacity_mb", "cpu_capacity"),
+                )
+            },
+        ),
         (
             _("TLS"),
             {
@@ -920,13 +953,38 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
         ),
         (_("Record"), {"fields": ("created_at", "updated_at")}),
     )
-    actions = ("check_daemon",)
+    actions = ("check_daemon", "read_capacity_from_daemon")
 
     class Media:
         css = {"all": ("django_container_celery/admin.css",)}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ExecutorHost]:
         return with_load(super().get_queryset(request))
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        # Every host's room comes from one query, read when the first row is drawn and
+        # kept for this request only (the admin object itself is shared by all requests).
+        rooms: dict[int, placement.HostRoom] | None = None
+
+        def room_of(host: ExecutorHost) -> placement.HostRoom | None:
+            nonlocal rooms
+            if rooms is None:
+                rooms = {room.host_id: room for room in placement.host_rooms()}
+            return rooms.get(host.pk)
+
+        @admin.display(description=_("Memory"))
+        def memory(host: ExecutorHost) -> str:
+            room = room_of(host)
+            return "-" if room is None else memory_use(room)
+
+        @admin.display(description=_("CPU"))
+        def cpu(host: ExecutorHost) -> str:
+            room = room_of(host)
+            return "-" if room is None else cpu_use(room)
+
+        columns: list[Any] = list(self.list_display)
+        columns[columns.index("load") + 1 : columns.index("load") + 1] = [memory, cpu]
+        return columns
 
     @admin.display(description=_("Current load"), ordering="active_jobs")
     def load(self, host: ExecutorHost) -> SafeString:
@@ -980,6 +1038,34 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
                     messages.ERROR,
                 )
 
+    @admin.action(
+        description=_("Read memory and CPU capacity from the daemon"), permissions=["change"]
+    )
+    def read_capacity_from_daemon(
+        self, request: HttpRequest, queryset: QuerySet[ExecutorHost]
+    ) -> None:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        # Daemons are asked from threads; the rows are written here, on this request's
+        # own connection and transaction.
+        for host, capacity, error in ask_hosts(list(queryset), read_capacity):
+            if capacity is None:
+                self.message_user(
+                    request,
+                    _("%(host)s: could not read the capacity from %(url)s: %(error)s")
+                    % {"host": host.name, "url": host.connection_string, "error": error},
+                    messages.ERROR,
+                )
+                continue
+            memory, cpus = capacity
+            write_capacity(host, memory, cpus)
+            self.message_user(
+                request,
+                _("%(host)s: memory capacity set to %(memory)s MiB, CPU capacity to %(cpus)s.")
+                % {"host": host.name, "memory": memory, "cpus": f"{cpus:g}"},
+                messages.SUCCESS,
+            )
+
 
 __all__ = [
     "ContainerJobAdmin",
@@ -988,6 +1074,7 @@ __all__ = [
     "HostFilter",
     "PriorityBandFilter",
     "QueueStatusFilter",
+    "ask_hosts",
     "parse_job_id",
     "ping_hosts",
 ]

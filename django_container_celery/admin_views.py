@@ -22,8 +22,9 @@ from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import states
+from . import placement, states
 from .forms import EDITABLE_STATUSES, LOCKED_STATUSES
+from .hosts import cpu_use, memory_use
 from .masking import mask_text
 from .models import ContainerJob, ExecutorHost
 from .queue import queue_manager
@@ -309,11 +310,25 @@ def with_load(hosts: QuerySet[ExecutorHost]) -> QuerySet[ExecutorHost]:
     return hosts.annotate(active_jobs=Coalesce(Subquery(active, output_field=IntegerField()), 0))
 
 
+def _resource_use(room: placement.HostRoom | None) -> dict[str, Any]:
+    """The dashboard's memory and CPU cells of one host, and which of them is used up."""
+    if room is None:  # created after the rooms were read
+        return {"memory": "-", "cpu": "-", "memory_full": False, "cpu_full": False}
+    free_memory, free_cpus = room.free_memory_mb, room.free_cpus
+    return {
+        "memory": memory_use(room),
+        "cpu": cpu_use(room),
+        "memory_full": free_memory is not None and free_memory <= 0,
+        "cpu_full": free_cpus is not None and free_cpus <= placement.CPU_SLACK,
+    }
+
+
 def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
     now = now or timezone.now()
     stats = queue_manager.get_queue_stats()
     hosts = []
     on_hosts = 0
+    rooms = {room.host_id: room for room in placement.host_rooms()}
     for host in with_load(ExecutorHost.objects.all()):
         running = int(host.active_jobs)  # type: ignore[attr-defined]
         on_hosts += running
@@ -325,6 +340,7 @@ def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
                 "capacity": capacity,
                 "percent": min(100, round(100 * running / capacity)) if capacity else 0,
                 "full": running >= capacity,
+                **_resource_use(rooms.get(host.pk)),
             }
         )
     failed_last_hour = ContainerJob.objects.filter(

@@ -12,28 +12,31 @@ fit a free slot and share that route (``claim_next(route_of=...)``). Messages ma
 any order, be prefetched, duplicated or sent by dispatch, a rescue or a canvas step: the
 job that starts when a slot frees is always the best one waiting for it.
 
-Capacity (the global ``max_concurrent`` and each host's ``max_concurrent_jobs``) is
-checked inside the same UPDATE. On PostgreSQL every claim first takes one transaction-level
-advisory lock, so claims are serialized and each UPDATE's snapshot sees all earlier claims:
-no two workers can both take the last free slot. SQLite runs the same single statement; it
-serializes writers by itself.
+A claim reads the hosts' room (``placement.py``: slots, memory, CPU), selects the first
+ready job that fits a free slot on a host it may use, chooses the host for an unpinned
+job, and then claims it with one conditional UPDATE that checks every limit again: the
+global ``max_concurrent``, the host's ``max_concurrent_jobs``, and the host's memory and
+CPU capacity. On PostgreSQL every claim first takes one transaction-level advisory lock,
+so claims are serialized and each UPDATE's snapshot sees all earlier claims: no two
+workers can both take the last free slot or the last free MiB. On SQLite the UPDATE's own
+checks hold, since SQLite serializes writers by itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import states
+from . import placement, states
 from .conf import app_settings
 from .models import ContainerJob, ExecutorHost, database_now
+from .placement import CPU_SLACK, HostRoom, Need, Reservation
 from .states import Status
 
 # Arbitrary constant naming the app's advisory lock ("dcc" in ASCII plus a version digit).
@@ -41,45 +44,9 @@ CLAIM_LOCK_KEY = 0x646363_01
 UNLIMITED = 2**31 - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class HostLoad:
-    host_id: int
-    capacity: int
-    weight: int
-    active: int
-
-    @property
-    def free(self) -> int:
-        return max(0, self.capacity - self.active)
-
-
 def lease_deadline(now: datetime | None = None) -> datetime:
     """When a lease taken or renewed now expires, by the database's clock."""
     return (now or database_now()) + timedelta(seconds=app_settings.LEASE_SECONDS)
-
-
-def host_loads(include_inactive: bool = False) -> list[HostLoad]:
-    """Capacity and current load (launching + running jobs) of the hosts, in one query."""
-    active = Q(assigned_jobs__status__in=states.ACTIVE) | Q(assigned_jobs__stop_pending=True)
-    hosts = ExecutorHost.objects.order_by("pk")
-    if not include_inactive:
-        hosts = hosts.filter(is_active=True)
-    rows = hosts.annotate(load=Count("assigned_jobs", filter=active)).values_list(
-        "id", "max_concurrent_jobs", "weight", "is_active", "load"
-    )
-    return [
-        HostLoad(pk, cap if is_active else 0, weight, load)
-        for pk, cap, weight, is_active, load in rows
-    ]
-
-
-def choose_host(loads: Sequence[HostLoad]) -> int | None:
-    """The host for a job without one: most free slots weighted by the host's weight."""
-    candidates = [load for load in loads if load.free > 0]
-    if not candidates:
-        return None
-    best = max(candidates, key=lambda load: (load.free * load.weight, load.weight, -load.host_id))
-    return best.host_id
 
 
 class _ClaimSQL:
@@ -96,23 +63,23 @@ class _ClaimSQL:
     def update(
         self,
         *,
-        target: str,
-        target_params: list[Any],
+        job_id: Any,
+        host: HostRoom | None,
         worker_id: str,
-        default_host: int | None,
         max_concurrent: int,
         now: datetime,
     ) -> tuple[str, list[Any]]:
-        """The UPDATE ... RETURNING that claims the row chosen by ``target``.
+        """The UPDATE ... RETURNING that claims ``job_id`` for ``host`` (None: no hosts).
 
-        ``target`` is a SQL expression for the id to claim; the capacity checks are part of
-        the WHERE clause so the statement claims nothing when there is no room.
+        Every condition of the claim is in its WHERE clause, so the statement claims
+        nothing when the job stopped waiting or there is no room any more.
         """
         # Slots are held by active jobs and by ended ones whose container still runs.
-        active = f"a.status IN ({self.statuses(states.ACTIVE)}) OR a.stop_pending"
-        job, host = self.job, self.host
-        # The host the attempt will run on: the pinned one, else the chosen default.
-        run_host = f"COALESCE({job}.docker_host_id, %s)"
+        holding = f"(a.status IN ({self.statuses(states.ACTIVE)}) OR a.stop_pending)"
+        job, host_table = self.job, self.host
+        still_ready, ready_params = self.ready_ids(
+            now=now, rooms=None, only_id=job_id, lock=False, columns="r.id"
+        )
         sql = f"""
             UPDATE {job} SET
                 status = 'launching',
@@ -120,59 +87,78 @@ class _ClaimSQL:
                 claimed_at = %s,
                 lease_expires_at = %s,
                 attempt = {job}.attempt + 1,
-                assigned_host_id = {run_host},
+                assigned_host_id = %s,
                 launched_at = NULL,
                 started_at = NULL,
                 completed_at = NULL,
                 exit_code = NULL,
                 execution_id = '',
                 updated_at = %s
-            WHERE {job}.id = ({target})
-              AND (SELECT COUNT(*) FROM {job} a WHERE {active}) < %s
-              AND (
-                {run_host} IS NULL
-                OR (SELECT COUNT(*) FROM {job} a
-                    WHERE ({active}) AND a.assigned_host_id = {run_host})
-                   < (SELECT h.max_concurrent_jobs FROM {host} h
-                      WHERE h.id = {run_host} AND h.is_active)
-              )
-            RETURNING *
+            WHERE {job}.id = ({still_ready})
+              AND (SELECT COUNT(*) FROM {job} a WHERE {holding}) < %s
         """
         params: list[Any] = [
             worker_id,
             _db_time(now),
             _db_time(lease_deadline(now)),
-            default_host,
+            host.host_id if host else None,
             _db_time(now),
-            *target_params,
+            *ready_params,
             max_concurrent,
-            default_host,
-            default_host,
-            default_host,
         ]
+        if host is not None:
+            on_host = f"FROM {job} a WHERE {holding} AND a.assigned_host_id = %s"
+            sql += f"""
+              AND (SELECT COUNT(*) {on_host})
+                  < (SELECT h.max_concurrent_jobs FROM {host_table} h
+                     WHERE h.id = %s AND h.is_active)
+            """
+            params += [host.host_id, host.host_id]
+            for limit_column, capacity_column, default in self._resources():
+                sql += f"""
+              AND (
+                (SELECT h.{capacity_column} FROM {host_table} h WHERE h.id = %s) IS NULL
+                OR (SELECT COALESCE(SUM(COALESCE(a.{limit_column}, %s)), 0) {on_host})
+                   + COALESCE({job}.{limit_column}, %s)
+                   <= (SELECT h.{capacity_column} FROM {host_table} h WHERE h.id = %s) + %s
+              )
+                """
+                slack = CPU_SLACK if limit_column == "cpu_limit" else 0
+                params += [host.host_id, default, host.host_id, default, host.host_id, slack]
+        sql += " RETURNING *"
         return sql, params
+
+    @staticmethod
+    def _resources() -> list[tuple[str, str, Any]]:
+        """(job limit column, host capacity column, what a job without a limit counts)."""
+        return [
+            ("memory_limit", "memory_capacity_mb", app_settings.DEFAULT_JOB_MEMORY_MB),
+            ("cpu_limit", "cpu_capacity", float(app_settings.DEFAULT_JOB_CPUS)),
+        ]
 
     def ready_ids(
         self,
         *,
         now: datetime,
-        free_hosts: list[int] | None,
-        default_host: int | None,
+        rooms: Sequence[HostRoom] | None,
+        reserved: Reservation | None = None,
         exclude_ids: Sequence[Any] = (),
         limit: int = 1,
         lock: bool = True,
         only_id: Any = None,
         route_of: Any = None,
+        columns: str = "r.id",
     ) -> tuple[str, list[Any]]:
-        """SELECT of the first ready job ids, in launch order, that could run now.
+        """SELECT of the first ready jobs, in launch order, that fit a host now.
 
-        ``free_hosts`` None means no ExecutorHost rows exist: every job may run.
-        ``route_of`` keeps the jobs whose run messages go to the same Celery queue as
-        that job's (with ``PER_HOST_QUEUES``, the same pinned host or none).
+        ``rooms`` None means no ExecutorHost rows exist (or no host test is wanted): every
+        job may run. ``reserved`` keeps its host for its own job. ``route_of`` keeps the
+        jobs whose run messages go to the same Celery queue as that job's (with
+        ``PER_HOST_QUEUES``, the same pinned host or none).
         """
         waiting = self.statuses(states.WAITING)
         sql = f"""
-            SELECT r.id FROM {self.job} r
+            SELECT {columns} FROM {self.job} r
             WHERE r.status IN ({waiting})
               AND r.claimed_by = ''
               AND NOT r.stop_pending
@@ -189,15 +175,10 @@ class _ClaimSQL:
                 f" (SELECT m.docker_host_id FROM {self.job} m WHERE m.id = %s)"
             )
             params.append(route_of)
-        if free_hosts is not None:
-            pinned = "r.docker_host_id IN ({})".format(
-                ", ".join(["%s"] * len(free_hosts)) if free_hosts else "NULL"
-            )
-            params.extend(free_hosts)
-            if default_host is not None:
-                sql += f" AND (r.docker_host_id IS NULL OR {pinned})"
-            else:
-                sql += f" AND {pinned}"
+        if rooms is not None:
+            fits, fit_params = self._fits_some_host(rooms, reserved)
+            sql += f" AND {fits}"
+            params += fit_params
         if exclude_ids:
             sql += " AND r.id NOT IN ({})".format(", ".join(["%s"] * len(exclude_ids)))
             params.extend(_db_id(pk) for pk in exclude_ids)
@@ -206,6 +187,32 @@ class _ClaimSQL:
         if lock and self.postgres:
             sql += " FOR UPDATE SKIP LOCKED"
         return sql, params
+
+    def _fits_some_host(
+        self, rooms: Sequence[HostRoom], reserved: Reservation | None
+    ) -> tuple[str, list[Any]]:
+        """A condition on ``r``: it may use a host that has room for it now."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for room in rooms:
+            if room.free_slots <= 0 or (reserved is not None and reserved.host_id == room.host_id):
+                continue
+            clause = "(r.docker_host_id IS NULL OR r.docker_host_id = %s)"
+            params.append(room.host_id)
+            free: dict[str, float | None] = {
+                "memory_limit": room.free_memory_mb,
+                "cpu_limit": room.free_cpus,
+            }
+            for limit_column, _capacity, default in self._resources():
+                room_left = free[limit_column]
+                if room_left is not None:
+                    clause += f" AND COALESCE(r.{limit_column}, %s) <= %s"
+                    slack = CPU_SLACK if limit_column == "cpu_limit" else 0
+                    params += [default, room_left + slack]
+            clauses.append(f"({clause})")
+        if not clauses:
+            return "1 = 0", []
+        return "(" + " OR ".join(clauses) + ")", params
 
 
 def _db_time(value: datetime) -> Any:
@@ -226,12 +233,39 @@ def _serialize_claims() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CLAIM_LOCK_KEY])
 
 
-def _placement() -> tuple[list[int] | None, int | None]:
-    """(hosts with a free slot or None when there are no hosts, host for unpinned jobs)."""
-    loads = host_loads(include_inactive=True)  # inactive ones have no capacity
-    if not loads:
-        return None, None
-    return [load.host_id for load in loads if load.free > 0], choose_host(loads)
+def _rooms() -> list[HostRoom] | None:
+    """The hosts' room, or None when there are no ExecutorHost rows (the default host)."""
+    return placement.host_rooms() or None
+
+
+def _reservation(
+    builder: _ClaimSQL, now: datetime, rooms: list[HostRoom] | None
+) -> Reservation | None:
+    """The first ready job's reservation, looked for only where a host counts resources:
+    counting slots alone, a job that fits no host leaves no room to anyone else either."""
+    if rooms is None or not any(room.counts_resources for room in rooms):
+        return None
+    sql, params = builder.ready_ids(now=now, rooms=None, lock=False, columns=_CANDIDATE_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        head = cursor.fetchone()
+    if head is None:
+        return None
+    job_id, pinned, memory, cpus = head
+    return placement.reservation_for(rooms, job_id, pinned, Need.of(memory, cpus))
+
+
+def _host_for(
+    rooms: list[HostRoom] | None, row: tuple[Any, ...], reserved: Reservation | None
+) -> HostRoom | None:
+    if rooms is None:
+        return None
+    _job_id, pinned, memory, cpus = row
+    if pinned is not None:
+        return next((room for room in rooms if room.host_id == pinned), None)
+    exclude = reserved.host_id if reserved is not None else None
+    chosen = placement.choose_host(rooms, Need.of(memory, cpus), exclude=exclude)
+    return next((room for room in rooms if room.host_id == chosen), None)
 
 
 def _run_claim(sql: str, params: list[Any]) -> ContainerJob | None:
@@ -240,28 +274,35 @@ def _run_claim(sql: str, params: list[Any]) -> ContainerJob | None:
 
 
 Target = tuple[str, list[Any]]
+_CANDIDATE_COLUMNS = "r.id, r.docker_host_id, r.memory_limit, r.cpu_limit"
 
 
 def _claim(
     worker_id: str,
     max_concurrent: int | None,
-    choose: Callable[[_ClaimSQL, datetime, list[int] | None, int | None], Target],
+    choose: Callable[[_ClaimSQL, datetime, list[HostRoom] | None, Reservation | None], Target],
+    honour_reservation: bool = True,
 ) -> ContainerJob | None:
-    """Run one claim: serialize, place, then the UPDATE of the row ``choose`` selects."""
+    """Run one claim: serialize, read the room, select the job ``choose`` picks, then the
+    UPDATE that claims it for its host."""
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
     with transaction.atomic():
         _serialize_claims()
         now = database_now()  # after the wait for the lock, so the lease is not shortened
-        free_hosts, default_host = _placement()
         builder = _ClaimSQL()
-        chosen = choose(builder, now, free_hosts, default_host)
+        rooms = _rooms()
+        reserved = _reservation(builder, now, rooms) if honour_reservation else None
+        sql, params = choose(builder, now, rooms, reserved)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        host = _host_for(rooms, row, reserved)
+        if rooms is not None and host is None:
+            return None
         sql, params = builder.update(
-            target=chosen[0],
-            target_params=chosen[1],
-            worker_id=worker_id,
-            default_host=default_host,
-            max_concurrent=limit,
-            now=now,
+            job_id=row[0], host=host, worker_id=worker_id, max_concurrent=limit, now=now
         )
         return _run_claim(sql, params)
 
@@ -282,10 +323,18 @@ def claim_next(
     route = _db_id(route_of) if route_of is not None else None
 
     def first_ready(
-        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None
+        builder: _ClaimSQL,
+        now: datetime,
+        rooms: list[HostRoom] | None,
+        reserved: Reservation | None,
     ) -> Target:
         return builder.ready_ids(
-            now=now, free_hosts=free, default_host=default, exclude_ids=exclude_ids, route_of=route
+            now=now,
+            rooms=rooms,
+            reserved=reserved,
+            exclude_ids=exclude_ids,
+            route_of=route,
+            columns=_CANDIDATE_COLUMNS,
         )
 
     return _claim(worker_id, max_concurrent, first_ready)
@@ -303,13 +352,17 @@ def claim_job(
     """
 
     def this_job(
-        builder: _ClaimSQL, now: datetime, free: list[int] | None, default: int | None
+        builder: _ClaimSQL,
+        now: datetime,
+        rooms: list[HostRoom] | None,
+        reserved: Reservation | None,
     ) -> Target:
         return builder.ready_ids(
-            now=now, free_hosts=free, default_host=default, only_id=_db_id(job_id)
+            now=now, rooms=rooms, only_id=_db_id(job_id), columns=_CANDIDATE_COLUMNS
         )
 
-    return _claim(worker_id, max_concurrent, this_job)
+    # Named explicitly, it is not held back by another job's reservation.
+    return _claim(worker_id, max_concurrent, this_job, honour_reservation=False)
 
 
 def eligible_ready_ids(limit: int) -> list[Any]:
@@ -320,11 +373,13 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     """
     if limit <= 0:
         return []
-    free_hosts, default_host = _placement()
-    sql, params = _ClaimSQL().ready_ids(
-        now=database_now(),
-        free_hosts=free_hosts,
-        default_host=default_host,
+    builder = _ClaimSQL()
+    now = database_now()
+    rooms = _rooms()
+    sql, params = builder.ready_ids(
+        now=now,
+        rooms=rooms,
+        reserved=_reservation(builder, now, rooms),
         limit=limit,
         lock=False,
     )

@@ -48,6 +48,14 @@ DEFAULTS: dict[str, Any] = {
     # Extra regular expressions (case-insensitive) added to the built-in classifiers.
     "TRANSIENT_PATTERNS": [],
     "PERMANENT_PATTERNS": [],
+    # What a job without a memory_limit / cpu_limit counts for on a host that declares a
+    # memory or CPU capacity (ExecutorHost.memory_capacity_mb, cpu_capacity).
+    "DEFAULT_JOB_MEMORY_MB": 256,
+    "DEFAULT_JOB_CPUS": 1.0,
+    # Kept back for the daemon and the host's own processes when a host's capacity is read
+    # from its daemon (docker info: MemTotal, NCPU).
+    "HOST_MEMORY_RESERVE_MB": 512,
+    "HOST_CPU_RESERVE": 0.5,
     # Upper bounds checked by validation.
     "MAX_MEMORY_MB": 64 * 1024,
     "MAX_CPUS": 64.0,

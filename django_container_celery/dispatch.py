@@ -21,11 +21,16 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Q
+from django.db.models import F, FloatField, Q, QuerySet, Value
+from django.db.models.functions import Coalesce
 
-from . import claims, states
+from . import claims, placement, states
 from .conf import app_settings
+from .exceptions import TransitionConflict
+from .finishing import announce
 from .models import ContainerJob, database_now
+from .placement import CPU_SLACK, HostRoom, Need
+from .states import Status
 
 
 def due_jobs(max_concurrent: int | None = None) -> list[ContainerJob]:
@@ -33,14 +38,89 @@ def due_jobs(max_concurrent: int | None = None) -> list[ContainerJob]:
 
     A job qualifies when it is among the jobs a claim would take next within the free
     capacity and no message is in flight for it. One conditional UPDATE per job marks it,
-    so two dispatchers never send the same job at once.
+    so two dispatchers never send the same job at once. Jobs that no host can ever hold
+    are failed first (``refuse_unfittable``).
     """
+    refuse_unfittable()
     limit = app_settings.MAX_CONCURRENT_JOBS if max_concurrent is None else max_concurrent
     free = limit - ContainerJob.objects.holding_slots().count()
     ids = claims.eligible_ready_ids(free)
     if not ids:
         return []
     return _mark_sent(ids)
+
+
+def refuse_unfittable(limit: int = 100) -> int:
+    """Fail waiting jobs bigger than every active host they may run on; returns how many.
+
+    Validation refuses such a job when it is saved, but hosts may shrink or be switched off
+    later. Waiting would then never end, so the job fails with the reason, like a launch
+    that the daemon refuses for good.
+    """
+    rooms = placement.host_rooms()
+    candidates = _too_big_query(rooms)
+    if candidates is None:
+        return 0
+    refused = 0
+    for job in candidates[:limit]:
+        _field, reason = placement.too_big(Need.of_job(job), job.docker_host_id, rooms)
+        if reason and _refuse(job, f"refused: this job {reason}"):
+            refused += 1
+    return refused
+
+
+def _too_big_query(rooms: Sequence[HostRoom]) -> QuerySet[ContainerJob] | None:
+    """Waiting jobs that may be too big for every host they may use (checked one by one
+    after), or None when no active host counts resources."""
+    active = [room for room in rooms if room.active and room.counts_resources]
+    if not active:
+        return None
+    beyond = {room.host_id: _beyond(room) for room in active}
+    pinned = Q()
+    for host_id, condition in beyond.items():
+        pinned |= Q(docker_host_id=host_id) & condition
+    wanted = pinned
+    if all(room.counts_resources for room in rooms if room.active):
+        unpinned = Q(docker_host__isnull=True)
+        for condition in beyond.values():
+            unpinned &= condition
+        wanted |= unpinned
+    need_memory = Coalesce(F("memory_limit"), Value(app_settings.DEFAULT_JOB_MEMORY_MB))
+    need_cpus = Coalesce(
+        F("cpu_limit"), Value(float(app_settings.DEFAULT_JOB_CPUS)), output_field=FloatField()
+    )
+    return (
+        ContainerJob.objects.filter(status__in=states.WAITING, claimed_by="")
+        .annotate(need_memory=need_memory, need_cpus=need_cpus)
+        .filter(wanted)
+        .order_by("queued_at")
+    )
+
+
+def _beyond(room: HostRoom) -> Q:
+    """The job needs more than this host holds even when empty."""
+    condition = Q()
+    if room.memory_mb is not None:
+        condition |= Q(need_memory__gt=room.memory_mb)
+    if room.cpus is not None:
+        condition |= Q(need_cpus__gt=room.cpus + CPU_SLACK)
+    return condition
+
+
+def _refuse(job: ContainerJob, reason: str) -> bool:
+    now = database_now()
+    try:
+        job.transition_to(
+            Status.FAILED,
+            last_error=reason,
+            last_error_at=now,
+            completed_at=now,
+            dispatched_at=None,
+        )
+    except TransitionConflict:
+        return False  # claimed or changed meanwhile: the next pass looks again
+    announce(job)
+    return True
 
 
 def forget(job_id: Any) -> None:

@@ -85,6 +85,24 @@ class ExecutorHost(models.Model):
         help_text=_("Relative share of unpinned jobs when several hosts have room."),
     )
     auto_pull_images = models.BooleanField(default=False)
+    memory_capacity_mb = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(4)],
+        help_text=_(
+            "MiB the jobs holding slots here may use together (the sum of their memory "
+            "limits). Empty: memory is not counted."
+        ),
+    )
+    cpu_capacity = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01)],
+        help_text=_(
+            "Cores the jobs holding slots here may use together (the sum of their CPU "
+            "limits). Empty: CPU is not counted."
+        ),
+    )
     unreachable_since = models.DateTimeField(
         null=True,
         blank=True,
@@ -426,6 +444,13 @@ class ContainerJob(models.Model):
             errors.update(error.error_dict)
         if errors:
             raise ValidationError(errors)
+
+    def clean(self) -> None:
+        """Refuse a job bigger than every active host it may run on."""
+        super().clean()
+        from .placement import validate_fits_some_host  # placement reads these models
+
+        validate_fits_some_host(self)
 
     @classmethod
     def engine_fields(cls) -> tuple[str, ...]:

@@ -180,6 +180,7 @@ class JobQueueManager:
         """Claim and launch ready jobs until ``max_concurrent`` jobs run (globally).
 
         One failed launch never stops the batch; its error is reported and the loop goes on.
+        Waiting jobs that no host can ever hold are failed first, as dispatch does.
         """
         import time
 
@@ -188,6 +189,7 @@ class JobQueueManager:
         tried: list[Any] = []
         started: list[Any] = []
         deadline = time.monotonic() + timeout
+        dispatch.refuse_unfittable()
         while time.monotonic() < deadline:
             job = claims.claim_next(self.worker_id, max_concurrent, exclude_ids=tried)
             if job is None:

@@ -13,6 +13,8 @@
        ▼                        ▼
     cancelled ◄── from every non-final status
 
+    queued, retrying ──► failed   (refused: bigger than every host it may run on)
+
 ``launching`` is the short span in which a worker holds the claim but the container is
 not running yet; it counts against concurrency limits like ``running``.
 """
@@ -36,8 +38,8 @@ class Status(models.TextChoices):
 
 VALID_TRANSITIONS: dict[str, frozenset[str]] = {
     Status.PENDING: frozenset({Status.QUEUED, Status.CANCELLED}),
-    Status.QUEUED: frozenset({Status.LAUNCHING, Status.PENDING, Status.CANCELLED}),
-    Status.RETRYING: frozenset({Status.LAUNCHING, Status.PENDING, Status.CANCELLED}),
+    Status.QUEUED: frozenset({Status.LAUNCHING, Status.PENDING, Status.CANCELLED, Status.FAILED}),
+    Status.RETRYING: frozenset({Status.LAUNCHING, Status.PENDING, Status.CANCELLED, Status.FAILED}),
     Status.LAUNCHING: frozenset(
         {Status.RUNNING, Status.RETRYING, Status.FAILED, Status.QUEUED, Status.CANCELLED}
     ),

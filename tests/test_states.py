@@ -34,6 +34,8 @@ EXPECTED_EDGES = {
     ("running", "retrying"),
     ("running", "cancelled"),
     ("failed", "queued"),
+    ("queued", "failed"),
+    ("retrying", "failed"),
 }
 
 

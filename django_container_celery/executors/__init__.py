@@ -21,6 +21,7 @@ from .base import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    DaemonInfo,
     Executor,
     StartFailed,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ContainerInfo",
     "ContainerSpec",
     "ContainerState",
+    "DaemonInfo",
     "Executor",
     "FakeRun",
     "MemoryExecutor",

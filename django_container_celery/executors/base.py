@@ -83,6 +83,14 @@ class ContainerEvent:
     exit_code: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class DaemonInfo:
+    """What a runtime's machine offers: its memory (MiB) and CPU cores."""
+
+    memory_mb: int
+    cpus: float
+
+
 class EventStream(Protocol):
     """An endless iterator of container events that another thread may close."""
 
@@ -176,6 +184,12 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> None:
         """Return if the runtime answers; raise :class:`ExecutorError` if not."""
+
+    def info(self) -> DaemonInfo:
+        """The memory and CPU cores of the runtime's machine. Runtimes that cannot tell
+        raise :class:`ExecutorError`, so a subclass written before this method still
+        builds."""
+        raise ExecutorError(f"{type(self).__name__} cannot report its memory and CPUs")
 
     def events(self, since: float | None = None) -> EventStream:
         """Stream :data:`WATCHED_EVENTS` of job containers from ``since`` (runtime time,

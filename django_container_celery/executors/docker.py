@@ -32,6 +32,7 @@ from .base import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    DaemonInfo,
     EventStream,
     Executor,
     LogTail,
@@ -72,6 +73,20 @@ def parse_docker_time(value: str | None) -> datetime | None:
         return datetime.fromisoformat(text)
     except ValueError:
         return None
+
+
+def daemon_info_from(data: Any) -> DaemonInfo:
+    """The machine's memory and cores from the answer of ``docker info``."""
+    try:
+        memory_bytes = int(data["MemTotal"])
+        cpus = float(data["NCPU"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExecutorError(
+            f"Docker info gave no usable MemTotal and NCPU: {exc!r}", original=exc
+        ) from exc
+    if memory_bytes <= 0 or cpus <= 0:
+        raise ExecutorError(f"Docker info reports MemTotal={memory_bytes} and NCPU={cpus:g}")
+    return DaemonInfo(memory_mb=memory_bytes // (1024 * 1024), cpus=cpus)
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
@@ -181,6 +196,11 @@ class DockerExecutor(Executor):
     def ping(self) -> None:
         with self._translate("ping"):
             self.client.ping()
+
+    def info(self) -> DaemonInfo:
+        with self._translate("info"):
+            data = self.client.info()
+        return daemon_info_from(data)
 
     def close(self) -> None:
         with self._lock:

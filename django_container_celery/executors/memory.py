@@ -25,6 +25,7 @@ from .base import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    DaemonInfo,
     EventStream,
     Executor,
     StartFailed,
@@ -36,6 +37,9 @@ __all__ = ["FakeRun", "MemoryExecutor"]
 
 # The exit code Docker reports for a container killed by SIGKILL.
 KILLED_EXIT_CODE = 137
+
+# What the fake's machine reports unless a test sets ``daemon_info``: 8 GiB and 4 cores.
+DEFAULT_DAEMON_INFO = DaemonInfo(memory_mb=8192, cpus=4.0)
 
 
 @dataclasses.dataclass
@@ -118,6 +122,9 @@ class MemoryExecutor(Executor):
         self.removed: list[str] = []
         # Set to make events() fail, as a runtime without an event feed would.
         self.events_error: BaseException | None = None
+        # What info() reports, and an error to raise instead, as from an unreachable daemon.
+        self.daemon_info = DEFAULT_DAEMON_INFO
+        self.info_error: BaseException | None = None
         self._containers: dict[str, _Container] = {}
         # A Condition so that wait() wakes at once when finish/stop/remove change a container.
         self._changed = threading.Condition(threading.RLock())
@@ -240,6 +247,12 @@ class MemoryExecutor(Executor):
     def ping(self) -> None:
         return None
 
+    def info(self) -> DaemonInfo:
+        with self._changed:
+            if self.info_error is not None:
+                raise ExecutorError(str(self.info_error), original=self.info_error)
+            return self.daemon_info
+
     def events(self, since: float | None = None) -> EventStream:
         with self._changed:
             if self.events_error is not None:
@@ -302,6 +315,8 @@ class MemoryExecutor(Executor):
             self.behaviour = exit_at_once
             self.start_error = None
             self.stop_error = None
+            self.daemon_info = DEFAULT_DAEMON_INFO
+            self.info_error = None
             self._changed.notify_all()
 
 

@@ -21,11 +21,19 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
+from ... import claims, placement
 from ...conf import app_settings
 from ...models import ContainerJob
 from ...queue import JobQueueManager, default_worker_id
 from ...states import ACTIVE, Status
 from ...watching import Watcher
+
+# How many of the ready jobs that would not launch now a dry run explains.
+DRY_RUN_WAITING_SHOWN = 10
+# The openings of why_waiting's lines for a job held back by the global limit, and for one
+# that only waits for the next claim.
+GLOBAL_LIMIT = "global limit"
+IDLE = "nothing holds it back"
 
 
 class Command(BaseCommand):
@@ -211,8 +219,34 @@ class Command(BaseCommand):
 
     def _dry_run(self, manager: JobQueueManager, limit: int) -> None:
         free = max(0, limit - ContainerJob.objects.active().count())
-        jobs = list(manager.get_ready_jobs(limit=free))
+        # The claim's own placement rules decide, so a job too big for its host's free
+        # memory is listed under the waiting jobs rather than as launching.
+        fitting = claims.eligible_ready_ids(free + DRY_RUN_WAITING_SHOWN)
+        launch_ids = fitting[:free]
+        by_id = ContainerJob.objects.in_bulk(launch_ids)
+        jobs = [by_id[pk] for pk in launch_ids if pk in by_id]
         self.stdout.write(f"dry run: {len(jobs)} job(s) would be launched now")
         for job in jobs:
             self.stdout.write(f"  {job.pk} priority={job.priority} image={job.docker_image}")
+        self._dry_run_waits(manager, launch_ids, set(fitting[free:]), limit)
         self.stdout.write(json.dumps(manager.get_worker_metrics(), sort_keys=True))
+
+    def _dry_run_waits(
+        self, manager: JobQueueManager, launch_ids: list[Any], fit_later: set[Any], limit: int
+    ) -> None:
+        """Why the first ready jobs that would not launch now wait."""
+        waiting = manager.get_ready_jobs(limit=DRY_RUN_WAITING_SHOWN, exclude_ids=launch_ids)
+        for job in waiting:
+            reasons = _waits(job, job.pk in fit_later, limit)
+            self.stdout.write(f"  {job.pk} priority={job.priority} waits: {'; '.join(reasons)}")
+
+
+def _waits(job: ContainerJob, fits_a_host: bool, limit: int) -> list[str]:
+    reasons = placement.why_waiting(job)
+    if fits_a_host and not any(line.startswith(GLOBAL_LIMIT) for line in reasons):
+        # Room on a host, but the free slots under this run's limit went to the jobs
+        # before it: a reason why_waiting cannot see, since the limit may come from
+        # --max-concurrent.
+        reasons = [line for line in reasons if not line.startswith(IDLE)]
+        reasons.append(f"the free slots under the limit of {limit} jobs go to the jobs above")
+    return reasons

@@ -1,0 +1,169 @@
+"""Resource-aware claims: a job is admitted on a host only where its memory and CPU fit,
+with real PostgreSQL (the in-memory executor stands in for Docker where the launch does
+not matter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.exceptions import ValidationError
+
+from django_container_celery import claims, dispatch, placement
+from django_container_celery.models import ContainerJob, ExecutorHost
+from django_container_celery.states import Status
+
+from .concurrency import run_in_processes
+
+pytestmark = pytest.mark.django_db
+
+
+def host(name: str = "small", **fields: Any) -> ExecutorHost:
+    fields.setdefault("max_concurrent_jobs", 10)
+    return ExecutorHost.objects.create(name=name, **fields)
+
+
+def queued(priority: int = 50, **fields: Any) -> ContainerJob:
+    job = ContainerJob.objects.create_job(docker_image="busybox", command="true", **fields)
+    ContainerJob.objects.filter(pk=job.pk).update(priority=priority)
+    job.refresh_from_db()
+    job.mark_as_queued()
+    return job
+
+
+def claimed_ids(worker: str = "w", **kwargs: Any) -> list[Any]:
+    taken = []
+    while (job := claims.claim_next(worker, **kwargs)) is not None:
+        taken.append(job.pk)
+    return taken
+
+
+def test_memory_capacity_admits_what_fits() -> None:
+    small = host(memory_capacity_mb=1024)
+    jobs = [queued(memory_limit=300) for _ in range(5)]
+    taken = claimed_ids()
+    assert taken == [job.pk for job in jobs[:3]]  # 900 MiB; a fourth would need 1200
+    assert ContainerJob.objects.filter(assigned_host=small, status=Status.LAUNCHING).count() == 3
+
+
+def test_two_cpus_hold_one_and_a_half_plus_a_half() -> None:
+    host(cpu_capacity=2.0)
+    big = queued(cpu_limit=1.5, priority=90)
+    half = queued(cpu_limit=0.5, priority=10)
+    assert claimed_ids() == [big.pk, half.pk]
+
+
+def test_two_cpus_do_not_hold_two_jobs_of_one_and_a_half() -> None:
+    host(cpu_capacity=2.0)
+    first = queued(cpu_limit=1.5)
+    second = queued(cpu_limit=1.5)
+    assert claimed_ids() == [first.pk]
+    assert ContainerJob.objects.get(pk=second.pk).status == Status.QUEUED
+
+
+def test_a_job_without_limits_counts_the_defaults(settings: Any) -> None:
+    settings.CONTAINER_CELERY = {
+        **settings.CONTAINER_CELERY,
+        "DEFAULT_JOB_MEMORY_MB": 400,
+        "DEFAULT_JOB_CPUS": 0.25,
+    }
+    host(memory_capacity_mb=1000)
+    jobs = [queued() for _ in range(3)]
+    assert claimed_ids() == [job.pk for job in jobs[:2]]
+
+
+def test_unpinned_jobs_go_where_they_fit() -> None:
+    host("tiny", memory_capacity_mb=256, weight=1000)
+    roomy = host("roomy", memory_capacity_mb=4096, weight=1)
+    big = queued(memory_limit=1024)
+    job = claims.claim_next("w")
+    assert job is not None and job.pk == big.pk and job.assigned_host_id == roomy.pk
+
+
+def test_a_big_job_reserves_a_host_instead_of_starving() -> None:
+    small = host(memory_capacity_mb=1024)
+    running = [queued(memory_limit=300) for _ in range(3)]
+    assert claimed_ids() == [job.pk for job in running]
+    big = queued(memory_limit=1000, priority=80)
+    little = queued(memory_limit=100, priority=50)
+    # 124 MiB are free: the little job would fit, but the big one comes first and has
+    # reserved the host, so nothing starts there by queue order.
+    assert claims.claim_next("w") is None
+    lines = placement.why_waiting(little)
+    assert any("reserved for job" in line and "small" in line for line in lines), lines
+    # Another host is not held back by the reservation.
+    other = host("other", memory_capacity_mb=512)
+    job = claims.claim_next("w")
+    assert job is not None and job.pk == little.pk and job.assigned_host_id == other.pk
+    # Once the small host's jobs end, the big one starts there.
+    ContainerJob.objects.filter(pk__in=[j.pk for j in running]).update(status=Status.COMPLETED)
+    job = claims.claim_next("w")
+    assert job is not None and job.pk == big.pk and job.assigned_host_id == small.pk
+
+
+def test_a_job_bigger_than_every_host_is_refused_naming_the_field() -> None:
+    host(memory_capacity_mb=2048, cpu_capacity=4)
+    with pytest.raises(ValidationError) as memory:
+        ContainerJob.objects.create_job(docker_image="busybox", command="true", memory_limit=4096)
+    assert "memory_limit" in memory.value.message_dict
+    assert "2048 MiB" in memory.value.message_dict["memory_limit"][0]
+    with pytest.raises(ValidationError) as cpu:
+        ContainerJob.objects.create_job(docker_image="busybox", command="true", cpu_limit=8)
+    assert "cpu_limit" in cpu.value.message_dict
+    assert not ContainerJob.objects.exists()
+
+
+def test_a_host_without_capacity_holds_anything() -> None:
+    host("counted", memory_capacity_mb=512)
+    host("uncounted")
+    job = ContainerJob.objects.create_job(docker_image="busybox", command="true", memory_limit=8192)
+    assert job.pk is not None
+
+
+def test_a_job_that_hosts_shrank_under_ends_failed_with_the_reason() -> None:
+    small = host(memory_capacity_mb=2048)
+    job = queued(memory_limit=1500)
+    fits = queued(memory_limit=100)
+    ExecutorHost.objects.filter(pk=small.pk).update(memory_capacity_mb=1024)
+    assert dispatch.refuse_unfittable() == 1
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert row.status == Status.FAILED
+    assert "1500 MiB" in row.last_error and "1024 MiB" in row.last_error
+    assert ContainerJob.objects.get(pk=fits.pk).status == Status.QUEUED
+
+
+def test_a_job_pinned_to_an_inactive_host_waits_rather_than_fails() -> None:
+    off = host("off", memory_capacity_mb=512)
+    job = queued(memory_limit=400, docker_host=off)
+    ExecutorHost.objects.filter(pk=off.pk).update(is_active=False, memory_capacity_mb=128)
+    assert dispatch.refuse_unfittable() == 0
+    assert ContainerJob.objects.get(pk=job.pk).status == Status.QUEUED
+    assert any("inactive" in line for line in placement.why_waiting(job))
+
+
+def test_why_waiting_names_memory_and_the_host() -> None:
+    small = host(memory_capacity_mb=1024)
+    for _ in range(3):
+        queued(memory_limit=300)
+    claimed_ids()
+    waiting = queued(memory_limit=300, docker_host=small)
+    lines = placement.why_waiting(waiting)
+    print("why waiting:", lines)
+    assert lines == ["host small: memory: 900 of 1024 MiB in use, the job needs 300 MiB"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_claimers_never_overfill_memory() -> None:
+    host(memory_capacity_mb=1024)
+    jobs = [queued(memory_limit=300) for _ in range(20)]
+
+    def claim_all(index: int) -> int:
+        return len(claimed_ids(f"racer-{index}"))
+
+    counts = run_in_processes(claim_all, 3)
+    print(f"claims per racer: {counts}")
+    assert sum(counts) == 3
+    assert ContainerJob.objects.filter(status=Status.LAUNCHING).count() == 3
+    assert (
+        ContainerJob.objects.filter(pk__in=[j.pk for j in jobs], status=Status.QUEUED).count() == 17
+    )
