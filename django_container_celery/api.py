@@ -19,7 +19,7 @@ from django.utils import timezone
 from . import validators
 from .exceptions import InvalidJobDefinition
 from .masking import mask_data
-from .models import ContainerJob, ExecutorHost
+from .models import ContainerJob, ExecutorHost, database_now
 from .queue import queue_manager
 from .routing import message_options
 
@@ -135,7 +135,7 @@ def _send_if_unsent(job: ContainerJob) -> None:
     # instance that was just queued, so no second read of the row is needed.
     marked = ContainerJob.objects.filter(
         pk=job.pk, dispatched_at__isnull=True, claimed_by="", status__in=["queued", "retrying"]
-    ).update(dispatched_at=timezone.now())
+    ).update(dispatched_at=database_now())
     if marked:
         send_run_message(job)
 

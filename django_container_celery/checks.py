@@ -207,9 +207,9 @@ def _retry_strategies(value: Mapping[Any, Any]) -> Iterator[Problem]:
             )
 
 
-def _executor(value: str) -> Iterator[Problem]:
-    if value in ("docker", "memory"):
-        return
+def _executor(value: str | None) -> Iterator[Problem]:
+    if value in (None, "", "docker", "memory"):
+        return  # None and "" mean "docker", as the executor factory reads them
     hint = "Use 'docker', 'memory' or the dotted path of an Executor subclass."
     try:
         cls = import_string(value)
@@ -253,7 +253,8 @@ SPECS: dict[str, Spec] = {
     "MAX_CONCURRENT_JOBS": Spec(INT, at_least=1, why="With 0 no job would ever start."),
     "LOG_MAX_BYTES": Spec(INT, content=_log_max_bytes),
     "ALLOWED_BIND_MOUNTS": Spec(STR_LIST, content=_bind_mount_roots),
-    "TASK_QUEUE": Spec(OPTIONAL_STR, content=_not_blank),
+    # "" routes like None (Celery's default queue), as routing and beat read it.
+    "TASK_QUEUE": Spec(OPTIONAL_STR),
     "PER_HOST_QUEUES": Spec(BOOL),
     "RETRY_STRATEGIES": Spec(DICT, content=_retry_strategies),
     "DEFAULT_RETRY_STRATEGY": Spec(STR, content=_not_blank),
@@ -273,7 +274,7 @@ SPECS: dict[str, Spec] = {
     "KEEP_CONTAINERS": Spec(BOOL),
     "NETWORK_MODE": Spec(OPTIONAL_STR),
     "CLEANUP_AFTER_DAYS": Spec(INT, at_least=0, why="Days; 0 removes every finished job."),
-    "EXECUTOR": Spec(STR, content=_executor),
+    "EXECUTOR": Spec(OPTIONAL_STR, content=_executor),
     "DEFAULT_DOCKER_HOST": Spec(STR, content=_docker_host),
     "SHUTDOWN_TIMEOUT": Spec(NUMBER, at_least=0, why=_SECONDS),
 }

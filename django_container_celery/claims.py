@@ -24,6 +24,8 @@ checks hold, since SQLite serializes writers by itself.
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -88,6 +90,8 @@ class _ClaimSQL:
                 lease_expires_at = %s,
                 attempt = {job}.attempt + 1,
                 assigned_host_id = %s,
+                celery_task_id = CASE WHEN {job}.celery_task_id = '' THEN %s
+                                      ELSE {job}.celery_task_id END,
                 launched_at = NULL,
                 started_at = NULL,
                 completed_at = NULL,
@@ -102,6 +106,8 @@ class _ClaimSQL:
             _db_time(now),
             _db_time(lease_deadline(now)),
             host.host_id if host else None,
+            # A job queued without a message (admin, API) gets the id its result goes under.
+            str(uuid.uuid4()),
             _db_time(now),
             *ready_params,
             max_concurrent,
@@ -146,15 +152,14 @@ class _ClaimSQL:
         limit: int = 1,
         lock: bool = True,
         only_id: Any = None,
-        route_of: Any = None,
+        route_of: Route | None = None,
         columns: str = "r.id",
     ) -> tuple[str, list[Any]]:
         """SELECT of the first ready jobs, in launch order, that fit a host now.
 
         ``rooms`` None means no ExecutorHost rows exist (or no host test is wanted): every
         job may run. ``reserved`` keeps its host for its own job. ``route_of`` keeps the
-        jobs whose run messages go to the same Celery queue as that job's (with
-        ``PER_HOST_QUEUES``, the same pinned host or none).
+        jobs pinned to that route's host (or unpinned ones).
         """
         waiting = self.statuses(states.WAITING)
         sql = f"""
@@ -168,13 +173,12 @@ class _ClaimSQL:
         if only_id is not None:
             sql += " AND r.id = %s"
             params.append(only_id)
-        if route_of is not None and app_settings.PER_HOST_QUEUES:
-            same = "IS NOT DISTINCT FROM" if self.postgres else "IS"
-            sql += (
-                f" AND r.docker_host_id {same}"
-                f" (SELECT m.docker_host_id FROM {self.job} m WHERE m.id = %s)"
-            )
-            params.append(route_of)
+        if route_of is not None:
+            if route_of.host_id is None:
+                sql += " AND r.docker_host_id IS NULL"
+            else:
+                sql += " AND r.docker_host_id = %s"
+                params.append(route_of.host_id)
         if rooms is not None:
             fits, fit_params = self._fits_some_host(rooms, reserved)
             sql += f" AND {fits}"
@@ -320,7 +324,11 @@ def claim_next(
     better one when a better one waits. A worker consuming a queue can reach the hosts of
     every job routed to it, so any of them may be launched from here.
     """
-    route = _db_id(route_of) if route_of is not None else None
+    route: Route | None = None
+    if route_of is not None and app_settings.PER_HOST_QUEUES:
+        route = _route_of(route_of)
+        if route is None:
+            return None  # its job is gone: which queue it came from is unknown
 
     def first_ready(
         builder: _ClaimSQL,
@@ -338,6 +346,22 @@ def claim_next(
         )
 
     return _claim(worker_id, max_concurrent, first_ready)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """The jobs a queue serves with ``PER_HOST_QUEUES``: those pinned to ``host_id``, or
+    the unpinned ones when it is None."""
+
+    host_id: int | None
+
+
+def _route_of(job_id: Any) -> Route | None:
+    """The route of a message sent for this job, read from the job's row (None: no row)."""
+    rows = ContainerJob.objects.filter(pk=job_id).values_list("docker_host_id", flat=True)
+    for host_id in rows:
+        return Route(host_id)
+    return None
 
 
 def claim_job(

@@ -236,15 +236,21 @@ class JobQueueManager:
         ``job_id`` (eager mode). When nothing can be claimed, ``job_id`` itself is taken
         over if its lease expired.
 
+        A message that does not start ``job_id`` itself is used up: ``job_id`` may then get
+        a new one from dispatch (cleared before the launch, which may take long).
+
         The run is detached: once the container runs, the watcher that leads its host
         finishes the job. Returns (None, None) when there is nothing to do: no ready job
-        fits a free slot, and ``job_id`` is not a stale one. This is what makes a duplicate
-        or replayed message harmless.
+        fits a free slot, and ``job_id`` is not a stale one. A duplicate or replayed
+        message therefore starts at most a job that was due to start anyway, within every
+        limit, and never a second container for one attempt.
         """
         if this_job_only:
             job = claims.claim_job(job_id, self.worker_id)
         else:
             job = claims.claim_next(self.worker_id, route_of=job_id)
+            if job is None or str(job.pk) != str(job_id):
+                dispatch.forget(job_id)
         if job is not None:
             outcome = launch_claimed(job, self.executor(job), on_started=on_started)
             if outcome.success:

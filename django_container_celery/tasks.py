@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
@@ -34,7 +35,7 @@ from .api import job_result, send_run_message
 from .conf import app_settings
 from .exceptions import ContainerJobFailed
 from .following import Progress
-from .models import ContainerJob
+from .models import ContainerJob, database_now
 from .queue import JobQueueManager, queue_manager
 from .results import failure_of
 from .states import Status
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
     name="django_container_celery.run_container_job",
     bind=True,
     acks_late=False,
+    # A job's own message may be consumed after another message started or even ended
+    # the job: a STARTED state stored then would overwrite the job's result.
+    track_started=False,
 )
 def run_container_job(self: Any, job_id: str) -> None:
     try:
@@ -54,36 +58,40 @@ def run_container_job(self: Any, job_id: str) -> None:
         logger.error("run_container_job: %r is not a job id; message dropped", job_id)
         raise Ignore() from None
     manager = JobQueueManager()
-
-    def report_running(job: ContainerJob, container_id: str) -> None:
-        # Runs before the row says running, so before anything can store the final result.
-        # Under the job's own task id: this message may have started a better job than
-        # the one it was sent for.
-        if job.celery_task_id and not self.request.is_eager:
-            self.update_state(
-                state="RUNNING",
-                task_id=job.celery_task_id,
-                meta={
-                    "job_id": str(job.pk),
-                    "container_id": container_id,
-                    "container_name": job.container_name,
-                    "attempt": job.attempt,
-                },
-            )
-            if str(job.pk) != str(job_id):
-                _announce_started(self, job)
-
-    job, progress = manager.run_job(job_id, on_started=report_running)
-    if job is None or str(job.pk) != str(job_id):
-        # This message's job still waits (or no longer does): its message is used up, so
-        # let dispatch send it a new one in its turn.
-        manager.forget_dispatch(job_id)
+    job, progress = manager.run_job(job_id, on_started=_running_reporter(self, job_id))
     if job is None:
+        # Nothing to start now; the job's message is forgotten, so dispatch sends it a
+        # new one in its turn (now, if a slot freed meanwhile).
         dispatch_ready_jobs.run()
         raise Ignore()
     if progress is not Progress.RUNNING:
         dispatch_ready_jobs.run()  # the launch ended the attempt: its slot is free
     raise Ignore()
+
+
+def _running_reporter(task: Any, message_job_id: Any) -> Callable[[ContainerJob, str], None]:
+    """The ``on_started`` callback of a launch by ``task``: the started job's RUNNING state
+    under its own task id, and a task-started event when its own message is not the one
+    being run (the message may have started a better job than it was sent for)."""
+
+    def report_running(job: ContainerJob, container_id: str) -> None:
+        # Runs before the row says running, so before anything can store the final result.
+        if not job.celery_task_id or task.request.is_eager:
+            return
+        task.update_state(
+            state="RUNNING",
+            task_id=job.celery_task_id,
+            meta={
+                "job_id": str(job.pk),
+                "container_id": container_id,
+                "container_name": job.container_name,
+                "attempt": job.attempt,
+            },
+        )
+        if str(job.pk) != str(message_job_id) or job.celery_task_id != task.request.id:
+            _announce_started(task, job)
+
+    return report_running
 
 
 def _announce_started(task: Any, job: ContainerJob) -> None:
@@ -167,7 +175,7 @@ def run_job_inline(
                 queue_manager.queue_job(job)
                 # Marked as dispatched: this task runs it; dispatch steps in if it dies.
                 ContainerJob.objects.filter(pk=job.pk).update(
-                    celery_task_id=task.request.id, dispatched_at=timezone.now()
+                    celery_task_id=task.request.id, dispatched_at=database_now()
                 )
         except ValidationError as error:
             # Django's error does not survive a JSON result backend readably; this flat
@@ -181,7 +189,7 @@ def run_job_inline(
             raise failure_of(job)
         return job_result(job)
     manager = JobQueueManager()
-    manager.run_job(job.pk)
+    manager.run_job(job.pk, on_started=_running_reporter(task, job.pk))
     job.refresh_from_db()
     poll = max(0.05, float(app_settings.POLL_INTERVAL))
     while job.status in (Status.LAUNCHING, Status.RUNNING):

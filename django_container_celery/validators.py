@@ -178,7 +178,9 @@ def validate_timeout(value: int | None) -> None:
 
 
 def validate_priority(value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+    # A whole float (50.0) passes, as it does through the model field's own conversion.
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if not whole or isinstance(value, bool) or not 0 <= value <= 100:
         raise ValidationError(
             "Priority must be a whole number from 0 to 100.",
             code="invalid_priority",

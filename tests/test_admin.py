@@ -31,6 +31,8 @@ from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.states import Status
 from django_container_celery.validators import MASK
 
+from .admin_support import job_form_data
+
 pytestmark = pytest.mark.django_db
 
 APP = "django_container_celery"
@@ -622,27 +624,8 @@ def test_redact_leaves_short_values() -> None:
 
 
 def form_data(job: ContainerJob, **changes: Any) -> dict[str, Any]:
-    data = {
-        "name": job.name,
-        "description": job.description,
-        "docker_image": job.docker_image,
-        "command": job.command,
-        "working_directory": job.working_directory,
-        "environment": "\n".join(
-            f"{k}={MASK if 'PASSWORD' in k else v}" for k, v in job.environment.items()
-        ),
-        "bind_mounts": "[]",
-        "memory_limit": "",
-        "cpu_limit": "",
-        "timeout_seconds": str(job.timeout_seconds),
-        "docker_host": "",
-        "priority": str(job.priority),
-        "max_retries": str(job.max_retries),
-        "retry_strategy": job.retry_strategy,
-        "retry_exit_codes": "[]",
-    }
-    data.update(changes)
-    return data
+    shown = "\n".join(f"{k}={MASK if 'PASSWORD' in k else v}" for k, v in job.environment.items())
+    return job_form_data(job, changes.pop("environment", shown), **changes)
 
 
 def test_change_form_masks_and_keeps_secrets(operator: Client) -> None:

@@ -33,6 +33,8 @@ from django_container_celery.forms import (
 from django_container_celery.masking import MASK, is_secret_key
 from django_container_celery.models import ContainerJob
 
+from .admin_support import job_form_data
+
 APP = "django_container_celery"
 _names = itertools.count()
 
@@ -263,28 +265,6 @@ def shown_environment(client: Client, job: ContainerJob) -> str:
     return text.removeprefix("\n").replace("\n", "\r\n")
 
 
-def form_data(job: ContainerJob, environment: str, **changes: Any) -> dict[str, Any]:
-    data = {
-        "name": job.name,
-        "description": job.description,
-        "docker_image": job.docker_image,
-        "command": job.command,
-        "working_directory": job.working_directory,
-        "environment": environment,
-        "bind_mounts": "[]",
-        "memory_limit": "",
-        "cpu_limit": "",
-        "timeout_seconds": str(job.timeout_seconds),
-        "docker_host": "",
-        "priority": str(job.priority),
-        "max_retries": str(job.max_retries),
-        "retry_strategy": job.retry_strategy,
-        "retry_exit_codes": "[]",
-    }
-    data.update(changes)
-    return data
-
-
 @pytest.mark.django_db
 def test_rename_leaves_the_environment_as_stored(admin_client: Client) -> None:
     job = make_job(environment=ENVIRONMENT)
@@ -297,7 +277,7 @@ def test_rename_leaves_the_environment_as_stored(admin_client: Client) -> None:
     )
 
     with CaptureQueriesContext(connection) as captured:
-        response = admin_client.post(change_url(job), form_data(job, text, name="renamed"))
+        response = admin_client.post(change_url(job), job_form_data(job, text, name="renamed"))
     assert response.status_code == 302, response.content.decode()[:3000]
     updates = [q["sql"] for q in captured.captured_queries if q["sql"].startswith("UPDATE")]
     job_updates = [sql for sql in updates if ContainerJob._meta.db_table in sql]
@@ -314,7 +294,7 @@ def test_rename_leaves_the_environment_as_stored(admin_client: Client) -> None:
 def test_editing_one_variable_keeps_the_others(admin_client: Client) -> None:
     job = make_job(environment=ENVIRONMENT)
     text = shown_environment(admin_client, job).replace("EMPTY=", 'EMPTY=" new\\tvalue "')
-    response = admin_client.post(change_url(job), form_data(job, text))
+    response = admin_client.post(change_url(job), job_form_data(job, text))
     assert response.status_code == 302, response.content.decode()[:3000]
     assert ContainerJob.objects.get(pk=job.pk).environment == {
         **ENVIRONMENT,
@@ -328,7 +308,7 @@ def test_nul_is_a_form_error_not_a_server_error(admin_client: Client, nul: str) 
     job = make_job(environment=ENVIRONMENT)
     before = stored_json(job)
     text = shown_environment(admin_client, job) + f'\r\nBAD="x{nul}y"'
-    response = admin_client.post(change_url(job), form_data(job, text, name="renamed"))
+    response = admin_client.post(change_url(job), job_form_data(job, text, name="renamed"))
     assert response.status_code == 200
     content = response.content.decode()
     assert "Line 6 holds a NUL character" in content

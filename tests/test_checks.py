@@ -133,7 +133,7 @@ WRONG_TYPES: dict[str, Any] = {
     "KEEP_CONTAINERS": "yes",
     "NETWORK_MODE": False,
     "CLEANUP_AFTER_DAYS": "30",
-    "EXECUTOR": None,
+    "EXECUTOR": 3,
     "DEFAULT_DOCKER_HOST": ("unix:///var/run/docker.sock",),
     "SHUTDOWN_TIMEOUT": False,
 }
@@ -229,7 +229,6 @@ def test_edge_values_pass() -> None:
         ("DEFAULT_DOCKER_HOST", "/var/run/docker.sock", checks.E_CONTENT, ""),
         ("DEFAULT_DOCKER_HOST", "ftp://docker.example.com", checks.E_CONTENT, ""),
         ("DEFAULT_DOCKER_HOST", "tcp://docker.example.com", checks.E_CONTENT, ""),
-        ("TASK_QUEUE", "", checks.E_CONTENT, ""),
         ("DEFAULT_RETRY_STRATEGY", "  ", checks.E_CONTENT, ""),
     ],
 )
@@ -260,6 +259,8 @@ def test_a_strategy_error_says_what_is_wrong() -> None:
         ("DEFAULT_DOCKER_HOST", "ssh://deploy@docker.example.com"),
         ("DEFAULT_DOCKER_HOST", "unix:///run/user/1000/docker.sock"),
         ("TASK_QUEUE", "containers"),
+        ("TASK_QUEUE", ""),  # routes like None
+        ("EXECUTOR", None),  # means "docker"
         ("NETWORK_MODE", "none"),
     ],
 )

@@ -317,6 +317,29 @@ def test_a_message_stays_on_its_route_with_per_host_queues(qm: JobQueueManager) 
     assert started is not None and started.pk == on_b.pk
 
 
+def test_a_message_for_a_deleted_job_claims_nothing_with_per_host_queues(
+    qm: JobQueueManager,
+) -> None:
+    a = ExecutorHost.objects.create(name="a", max_concurrent_jobs=5)
+    gone = queued(10, docker_host=a)
+    queued(90)  # unpinned: served by the shared queue, not by host a's
+    gone_id = gone.pk
+    gone.delete()
+    routed = {**settings.CONTAINER_CELERY, "PER_HOST_QUEUES": True}
+    with override_settings(CONTAINER_CELERY=routed):
+        assert qm.run_job(gone_id) == (None, None)
+
+
+def test_a_job_queued_without_a_message_gets_its_task_id_when_claimed(
+    qm: JobQueueManager,
+) -> None:
+    job = queued()
+    assert job.celery_task_id == ""
+    started, _ = qm.run_job(job.pk)
+    assert started is not None and started.celery_task_id
+    assert ContainerJob.objects.get(pk=job.pk).celery_task_id == started.celery_task_id
+
+
 def test_duplicate_run_is_harmless(qm: JobQueueManager, mem: MemoryExecutor) -> None:
     job = queued()
     first = qm.run_job(job.pk)
