@@ -380,6 +380,14 @@ class ContainerJob(models.Model):
                 name="dcc_active_idx",
                 condition=_ACTIVE_Q,
             ),
+            # Serves the slot counts of every claim (global and per host): a job holds a
+            # slot while active or while its container is still to be stopped, and that OR
+            # can use no index of its own; without this one each claim reads the table.
+            models.Index(
+                fields=["assigned_host"],
+                name="dcc_holding_idx",
+                condition=_ACTIVE_Q | Q(stop_pending=True),
+            ),
             models.Index(fields=["status", "completed_at"], name="dcc_status_completed_idx"),
             models.Index(fields=["created_at"], name="dcc_created_idx"),
         ]
