@@ -245,18 +245,24 @@ def _rooms() -> list[HostRoom] | None:
 def _reservation(
     builder: _ClaimSQL, now: datetime, rooms: list[HostRoom] | None
 ) -> Reservation | None:
-    """The first ready job's reservation, looked for only where a host counts resources:
-    counting slots alone, a job that fits no host leaves no room to anyone else either."""
+    """The reservation of the first waiting job that fits no host now but could once one
+    is free (``placement``), looked for only where a host counts resources: counting
+    slots alone, a job that fits no host leaves no room to anyone else either."""
     if rooms is None or not any(room.counts_resources for room in rooms):
         return None
-    sql, params = builder.ready_ids(now=now, rooms=None, lock=False, columns=_CANDIDATE_COLUMNS)
+    sql, params = builder.ready_ids(
+        now=now,
+        rooms=None,
+        lock=False,
+        limit=placement.RESERVATION_SCAN,
+        columns=_CANDIDATE_COLUMNS,
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        head = cursor.fetchone()
-    if head is None:
-        return None
-    job_id, pinned, memory, cpus = head
-    return placement.reservation_for(rooms, job_id, pinned, Need.of(memory, cpus))
+        waiting = cursor.fetchall()
+    return placement.find_reservation(
+        rooms, ((job_id, host, Need.of(memory, cpus)) for job_id, host, memory, cpus in waiting)
+    )
 
 
 def _host_for(
@@ -390,27 +396,43 @@ def claim_job(
 
 
 def eligible_ready_ids(limit: int) -> list[Any]:
-    """Ids of the first ``limit`` ready jobs that a claim would take, in claim order.
+    """Ids of the first ``limit`` ready jobs that claims would take, in claim order.
 
     Uses the same placement rules as the claim itself, so dispatch never sends a message
-    for a job that a claim would refuse (for example one pinned to a full host).
+    for a job that a claim would refuse (for example one pinned to a full host), and
+    counts each admitted job's memory and CPU against the room the next one finds.
     """
     if limit <= 0:
         return []
     builder = _ClaimSQL()
     now = database_now()
     rooms = _rooms()
+    reserved = _reservation(builder, now, rooms)
     sql, params = builder.ready_ids(
         now=now,
         rooms=rooms,
-        reserved=_reservation(builder, now, rooms),
+        reserved=reserved,
         limit=limit,
         lock=False,
+        columns=_CANDIDATE_COLUMNS,
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        to_python = ContainerJob._meta.pk.to_python
-        return [to_python(row[0]) for row in cursor.fetchall()]
+        rows = cursor.fetchall()
+    to_python = ContainerJob._meta.pk.to_python
+    if rooms is None:
+        return [to_python(row[0]) for row in rows]
+    admitted = []
+    for row in rows:
+        host = _host_for(rooms, row, reserved)
+        if host is None or not host.fits_now(Need.of(row[2], row[3])):
+            continue
+        admitted.append(to_python(row[0]))
+        rooms = [
+            placement.taken(room, Need.of(row[2], row[3])) if room is host else room
+            for room in rooms
+        ]
+    return admitted
 
 
 def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:

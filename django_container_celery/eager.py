@@ -108,9 +108,10 @@ def _drive(job: ContainerJob, manager: JobQueueManager, look_every: float) -> Co
 
 def _why_unclaimed(job: ContainerJob) -> str:
     job.refresh_from_db()
-    if job.stop_pending:
-        return f"eager mode: job {job.pk} waits for an earlier container to be stopped"
-    return f"eager mode: job {job.pk} could not be claimed (no free slot on its host)"
+    from .placement import why_waiting
+
+    reasons = "; ".join(why_waiting(job))
+    return f"eager mode: job {job.pk} could not be claimed: {reasons}"
 
 
 def result_of(job: ContainerJob, propagate: bool = False) -> EagerResult:

@@ -10,6 +10,7 @@ from django.core.validators import MinValueValidator
 from django.utils import timezone
 
 from .conf import app_settings
+from .exceptions import ExecutorError
 from .executors import Executor, executor_for
 from .models import ExecutorHost
 from .placement import HostRoom
@@ -31,12 +32,17 @@ def read_capacity(host: ExecutorHost, executor: Executor | None = None) -> tuple
     less ``HOST_MEMORY_RESERVE_MB`` and ``HOST_CPU_RESERVE`` for the daemon and the
     machine's own processes. Raises ExecutorError when the daemon cannot tell."""
     info = (executor or executor_for(host)).info()
-    memory = max(
-        int(_minimum("memory_capacity_mb")),
-        info.memory_mb - int(app_settings.HOST_MEMORY_RESERVE_MB),
-    )
+    memory = info.memory_mb - int(app_settings.HOST_MEMORY_RESERVE_MB)
     # Rounded so that 0.1-step reserves do not leave 3.3999999999999995 in the row.
-    cpus = max(_minimum("cpu_capacity"), round(info.cpus - float(app_settings.HOST_CPU_RESERVE), 3))
+    cpus = round(info.cpus - float(app_settings.HOST_CPU_RESERVE), 3)
+    if memory < _minimum("memory_capacity_mb") or cpus < _minimum("cpu_capacity"):
+        # A tiny capacity would make every waiting job "too big" and fail it: refuse.
+        raise ExecutorError(
+            f"{host.name}: the daemon reports {info.memory_mb} MiB and {info.cpus:g} CPUs, "
+            f"no more than the reserve (HOST_MEMORY_RESERVE_MB "
+            f"{app_settings.HOST_MEMORY_RESERVE_MB}, HOST_CPU_RESERVE "
+            f"{app_settings.HOST_CPU_RESERVE}); set the capacity by hand"
+        )
     return memory, cpus
 
 

@@ -450,15 +450,25 @@ class ContainerJob(models.Model):
             super().clean_fields(exclude=skipped | set(errors))
         except ValidationError as error:
             errors.update(error.error_dict)
+        if not errors and not skipped & {"memory_limit", "cpu_limit", "docker_host"}:
+            errors.update(self._size_errors())
         if errors:
             raise ValidationError(errors)
 
-    def clean(self) -> None:
-        """Refuse a job bigger than every active host it may run on."""
-        super().clean()
+    def _size_errors(self) -> dict[str, list[ValidationError]]:
+        """A job that may still be launched must fit some host it may run on (a record of
+        one that ran is left alone: hosts may have shrunk since)."""
+        if not (
+            self._state.adding or self.status in (*states.WAITING, Status.PENDING, Status.FAILED)
+        ):
+            return {}
         from .placement import validate_fits_some_host  # placement reads these models
 
-        validate_fits_some_host(self)
+        try:
+            validate_fits_some_host(self)
+        except ValidationError as error:
+            return error.error_dict
+        return {}
 
     @classmethod
     def engine_fields(cls) -> tuple[str, ...]:

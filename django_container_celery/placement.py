@@ -8,10 +8,14 @@ only if what the host's jobs hold plus what it needs fits both capacities. A hos
 declares neither counts jobs only, as before.
 
 Admitting the first ready job that fits could starve a big job behind a stream of small
-ones. So when the first ready job (by priority, then FIFO) fits no host now, it reserves
-one: its pinned host, or else the largest active host it fits once free. No other job is
-admitted there by queue order until it has started, so its wait is bounded by the jobs
-already running on that host. Smaller jobs keep using the other hosts meanwhile.
+ones. So the first waiting job in queue order (by priority, then FIFO; among the first
+``RESERVATION_SCAN``) that fits no host now but fits an active one once it is free
+reserves that host: its pinned host, or else the largest active host it fits. No other
+job is admitted there by queue order until it has started, so its wait is bounded by the
+jobs already running on that host, as long as no job of higher priority arrives to take
+its place in line. Jobs that no active host can hold (pinned to a switched-off host) are
+passed over, so they never hold a reservation they cannot use. Smaller jobs keep using the
+other hosts meanwhile.
 
 The claim (``claims.py``) reads the rooms once, inside its lock, chooses with them, and
 repeats every limit in its one conditional UPDATE.
@@ -20,7 +24,9 @@ repeats every limit in its one conditional UPDATE.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -33,6 +39,11 @@ from .models import ContainerJob, ExecutorHost
 
 # Sums of float limits (0.1 + 0.2) must not refuse a job that fits exactly.
 CPU_SLACK = 1e-6
+# How many waiting jobs, in queue order, a claim looks at for the one that reserves.
+RESERVATION_SCAN = 50
+# How the lines of why_waiting start where callers add to them.
+GLOBAL_LIMIT = "global limit"
+FITS_NOW = "it fits a host now"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +78,7 @@ class HostRoom:
     used_memory_mb: int
     cpus: float | None
     used_cpus: float
+    unreachable_since: datetime | None = None
 
     @property
     def free_slots(self) -> int:
@@ -87,11 +99,15 @@ class HostRoom:
     def fits_now(self, need: Need) -> bool:
         return self.free_slots > 0 and not self.shortfalls(need)
 
-    def fits_empty(self, need: Need) -> bool:
-        """Whether the job fits here at all, once the host's jobs have ended."""
+    def could_hold(self, need: Need) -> bool:
+        """Whether the job fits this host's capacity at all, active or not."""
         memory_ok = self.memory_mb is None or need.memory_mb <= self.memory_mb
         cpus_ok = self.cpus is None or need.cpus <= self.cpus + CPU_SLACK
-        return self.active and memory_ok and cpus_ok
+        return memory_ok and cpus_ok
+
+    def fits_empty(self, need: Need) -> bool:
+        """Whether the job fits here once the host's jobs have ended."""
+        return self.active and self.could_hold(need)
 
     def shortfalls(self, need: Need) -> list[str]:
         """What of this host's memory and CPU the job does not find free now."""
@@ -148,23 +164,66 @@ def host_rooms() -> list[HostRoom]:
             "used_memory",
             "cpu_capacity",
             "used_cpus",
+            "unreachable_since",
         )
     )
+    return [_room(*row) for row in rows]
+
+
+def _room(
+    pk: int,
+    name: str,
+    active: bool,
+    weight: int,
+    slots: int,
+    used: int,
+    memory: int | None,
+    used_memory: int | None,
+    cpus: float | None,
+    used_cpus: float | None,
+    unreachable: datetime | None,
+) -> HostRoom:
+    return HostRoom(
+        host_id=pk,
+        name=name,
+        active=active,
+        weight=weight,
+        slots=slots,
+        used_slots=used,
+        memory_mb=memory,
+        used_memory_mb=int(used_memory or 0),
+        cpus=cpus,
+        used_cpus=float(used_cpus or 0.0),
+        unreachable_since=unreachable,
+    )
+
+
+def capacity_rooms() -> list[HostRoom]:
+    """Every host's capacity with nothing in use: enough to tell whether a job could ever
+    fit, without reading the jobs."""
+    rows = ExecutorHost.objects.order_by("pk").values_list(
+        "id",
+        "name",
+        "is_active",
+        "weight",
+        "max_concurrent_jobs",
+        "memory_capacity_mb",
+        "cpu_capacity",
+    )
     return [
-        HostRoom(
-            host_id=pk,
-            name=name,
-            active=active,
-            weight=weight,
-            slots=slots,
-            used_slots=used,
-            memory_mb=memory,
-            used_memory_mb=int(used_memory or 0),
-            cpus=cpus,
-            used_cpus=float(used_cpus or 0.0),
-        )
-        for pk, name, active, weight, slots, used, memory, used_memory, cpus, used_cpus in rows
+        HostRoom(pk, name, active, weight, slots, 0, memory, 0, cpus, 0.0)
+        for pk, name, active, weight, slots, memory, cpus in rows
     ]
+
+
+def taken(room: HostRoom, need: Need) -> HostRoom:
+    """The room left on a host once a job of this need holds one of its slots."""
+    return dataclasses.replace(
+        room,
+        used_slots=room.used_slots + 1,
+        used_memory_mb=room.used_memory_mb + need.memory_mb,
+        used_cpus=room.used_cpus + need.cpus,
+    )
 
 
 def choose_host(rooms: Sequence[HostRoom], need: Need, exclude: int | None = None) -> int | None:
@@ -177,32 +236,40 @@ def choose_host(rooms: Sequence[HostRoom], need: Need, exclude: int | None = Non
     return best.host_id
 
 
-def reservation_for(
-    rooms: Sequence[HostRoom], head_id: Any, head_host: int | None, need: Need
+def find_reservation(
+    rooms: Sequence[HostRoom], waiting: Iterable[tuple[Any, int | None, Need]]
 ) -> Reservation | None:
-    """The reservation of the first ready job, when it fits no host now but fits one
-    once free (see the module's docstring); None when it fits now or nowhere at all."""
-    usable = [r for r in rooms if head_host is None or r.host_id == head_host]
-    if any(r.fits_now(need) for r in usable):
-        return None
-    able = [r for r in usable if r.fits_empty(need)]
-    if not able:
-        return None
-    largest = max(able, key=lambda r: (r.memory_mb or 0, r.cpus or 0.0, -r.host_id))
-    return Reservation(largest.host_id, head_id)
+    """The reservation, if any, from ``waiting`` (job id, pinned host, need) in queue
+    order: see the module's docstring."""
+    for job_id, pinned, need in waiting:
+        usable = [r for r in rooms if pinned is None or r.host_id == pinned]
+        if any(r.fits_now(need) for r in usable):
+            return None  # it starts now, ahead of everyone behind it
+        able = [r for r in usable if r.fits_empty(need)]
+        if able:
+            largest = max(able, key=_size)
+            return Reservation(largest.host_id, job_id)
+    return None
+
+
+def _size(room: HostRoom) -> tuple[float, float, int]:
+    # A host that does not count a resource holds any amount of it.
+    memory = math.inf if room.memory_mb is None else room.memory_mb
+    cpus = math.inf if room.cpus is None else room.cpus
+    return memory, cpus, -room.host_id
 
 
 def too_big(need: Need, pinned_host: int | None, rooms: Sequence[HostRoom]) -> tuple[str, str]:
-    """(field, reason) when the job can never fit, or ("", "") when some active host it may
-    use could hold it.
+    """(field, reason) when no host the job may use could ever hold it, or ("", "").
 
-    A host that declares no capacity holds anything; a pinned host that is inactive may
-    come back, so its jobs wait rather than fail.
+    Switched-off hosts count: a host taken out for maintenance comes back, and the jobs
+    only it can hold wait for it rather than fail. A host that declares no capacity holds
+    anything.
     """
-    usable = [r for r in rooms if r.active and (pinned_host is None or r.host_id == pinned_host)]
-    if not usable or any(r.fits_empty(need) for r in usable):
+    usable = [r for r in rooms if pinned_host is None or r.host_id == pinned_host]
+    if not usable or any(r.could_hold(need) for r in usable):
         return "", ""
-    where = "its host" if pinned_host is not None else "every active host"
+    where = "its host" if pinned_host is not None else "every host"
     if any(r.memory_mb is not None and need.memory_mb > r.memory_mb for r in usable):
         largest = max(r.memory_mb or 0 for r in usable)
         return "memory_limit", (
@@ -218,13 +285,8 @@ def too_big(need: Need, pinned_host: int | None, rooms: Sequence[HostRoom]) -> t
 
 def validate_fits_some_host(job: ContainerJob) -> None:
     """ValidationError naming ``memory_limit`` or ``cpu_limit`` when the job is bigger
-    than every active host it may run on."""
-    capacities = ExecutorHost.objects.filter(
-        Q(memory_capacity_mb__isnull=False) | Q(cpu_capacity__isnull=False), is_active=True
-    )
-    if not capacities.exists():
-        return  # the common case: no host counts resources, nothing more to read
-    field, reason = too_big(Need.of_job(job), job.docker_host_id, host_rooms())
+    than every host it may run on."""
+    field, reason = too_big(Need.of_job(job), job.docker_host_id, capacity_rooms())
     if field:
         raise ValidationError({field: f"This job {reason}."})
 
@@ -233,6 +295,30 @@ def why_waiting(job: ContainerJob) -> list[str]:
     """Why a waiting job has not started, one line per cause (per host where it matters)."""
     if job.status not in states.WAITING:
         return [f"not waiting: the job is {job.status}"]
+    lines = _job_lines(job)
+    limit = app_settings.MAX_CONCURRENT_JOBS
+    holding = ContainerJob.objects.holding_slots().count()
+    if holding >= limit:
+        lines.append(f"{GLOBAL_LIMIT}: {holding} of {limit} jobs hold a slot (MAX_CONCURRENT_JOBS)")
+    rooms = host_rooms()
+    need = Need.of_job(job)
+    _field, reason = too_big(need, job.docker_host_id, rooms)
+    if reason:
+        lines.append(f"never fits: it {reason}")
+    usable = [r for r in rooms if job.docker_host_id is None or r.host_id == job.docker_host_id]
+    reserved = _current_reservation(rooms)
+    hosts = {room.name: _host_reasons(room, need, reserved, job.pk) for room in usable}
+    if rooms and not any(not reasons for reasons in hosts.values()):
+        lines.extend(f"host {name}: " + "; ".join(reasons) for name, reasons in hosts.items())
+    if not lines:
+        lines.append(
+            f"{FITS_NOW}: it starts with the next claim, after the jobs ahead of it "
+            "in the queue (higher priority, or the same priority and queued earlier)"
+        )
+    return lines
+
+
+def _job_lines(job: ContainerJob) -> list[str]:
     lines = []
     if job.claimed_by:
         lines.append(f"claimed by {job.claimed_by}")
@@ -243,31 +329,6 @@ def why_waiting(job: ContainerJob) -> list[str]:
 
         if job.scheduled_for > database_now():
             lines.append(f"scheduled for {job.scheduled_for.isoformat()}")
-    limit = app_settings.MAX_CONCURRENT_JOBS
-    holding = ContainerJob.objects.holding_slots().count()
-    if holding >= limit:
-        lines.append(f"global limit: {holding} of {limit} jobs hold a slot (MAX_CONCURRENT_JOBS)")
-    rooms = host_rooms()
-    need = Need.of_job(job)
-    _field, reason = too_big(need, job.docker_host_id, rooms)
-    if reason:
-        lines.append(f"never fits: it {reason}")
-    lines.extend(_host_lines(job, need, rooms))
-    if not lines:
-        lines.append("nothing holds it back: it starts with the next claim")
-    return lines
-
-
-def _host_lines(job: ContainerJob, need: Need, rooms: Sequence[HostRoom]) -> list[str]:
-    pinned = job.docker_host_id
-    reserved = _current_reservation(rooms)
-    lines = []
-    for room in rooms:
-        if pinned is not None and room.host_id != pinned:
-            continue
-        reasons = _host_reasons(room, need, reserved, job.pk)
-        if reasons:
-            lines.append(f"host {room.name}: " + "; ".join(reasons))
     return lines
 
 
@@ -277,25 +338,30 @@ def _host_reasons(
     if not room.active:
         return ["inactive"]
     reasons = []
+    if room.unreachable_since is not None:
+        reasons.append(f"its daemon has not answered since {room.unreachable_since.isoformat()}")
     if room.free_slots <= 0:
         reasons.append(f"full: {room.used_slots} of {room.slots} slots taken")
     reasons.extend(room.shortfalls(need))
     if reserved is not None and reserved.host_id == room.host_id and reserved.job_id != job_id:
-        reasons.append(f"reserved for job {reserved.job_id}, which comes first and is bigger")
+        reasons.append(
+            f"reserved for job {reserved.job_id}, which comes first in the queue and fits "
+            "no host now"
+        )
     return reasons
 
 
 def _current_reservation(rooms: Sequence[HostRoom]) -> Reservation | None:
     if not any(room.counts_resources for room in rooms):
         return None
-    head = (
+    waiting = (
         ContainerJob.objects.ready()
         .filter(stop_pending=False)
-        .values_list("pk", "docker_host_id", "memory_limit", "cpu_limit")[:1]
+        .values_list("pk", "docker_host_id", "memory_limit", "cpu_limit")[:RESERVATION_SCAN]
     )
-    for pk, host, memory, cpus in head:
-        return reservation_for(rooms, pk, host, Need.of(memory, cpus))
-    return None
+    return find_reservation(
+        rooms, ((pk, host, Need.of(memory, cpus)) for pk, host, memory, cpus in waiting)
+    )
 
 
 def _cores(value: float | None) -> str:

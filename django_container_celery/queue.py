@@ -17,7 +17,7 @@ from typing import Any
 from django.db.models import Count, Min, Q, QuerySet
 from django.utils import timezone
 
-from . import claims, dispatch, following, states, watching
+from . import claims, dispatch, following, placement, states, watching
 from .conf import app_settings
 from .exceptions import ExecutorError, InvalidTransition
 from .executors import executor_for
@@ -294,6 +294,7 @@ class JobQueueManager:
         stats["queue_depth"] = counts["ready_now"] + counts["scheduled_future"]
         stats["by_status"] = {s.value: counts[f"status_{s.value}"] for s in Status}
         stats["oldest_waiting_since"] = counts["oldest_waiting_since"]
+        stats["hosts"] = [_host_stats(room) for room in placement.host_rooms()]
         return stats
 
     def get_failed_jobs(self, include_retrying: bool = False) -> QuerySet[ContainerJob]:
@@ -432,6 +433,20 @@ def _uuid_or_none(value: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         return None
+
+
+def _host_stats(room: placement.HostRoom) -> dict[str, Any]:
+    """One host's slots, memory and CPU, used versus capacity (None: not counted)."""
+    return {
+        "name": room.name,
+        "active": room.active,
+        "slots": room.slots,
+        "used_slots": room.used_slots,
+        "memory_mb": room.memory_mb,
+        "used_memory_mb": room.used_memory_mb,
+        "cpus": room.cpus,
+        "used_cpus": room.used_cpus,
+    }
 
 
 def _copy_into(target: ContainerJob, source: ContainerJob) -> None:

@@ -167,3 +167,66 @@ def test_racing_claimers_never_overfill_memory() -> None:
     assert (
         ContainerJob.objects.filter(pk__in=[j.pk for j in jobs], status=Status.QUEUED).count() == 17
     )
+
+
+def test_a_job_that_no_active_host_can_hold_does_not_block_the_reservation() -> None:
+    a = host("a", memory_capacity_mb=1024)
+    host("b", memory_capacity_mb=4096, is_active=False)
+    running = queued(memory_limit=600)
+    assert claimed_ids() == [running.pk]
+    queued(memory_limit=100, priority=90, docker_host=ExecutorHost.objects.get(name="b"))
+    big = queued(memory_limit=1000, priority=50)
+    small = queued(memory_limit=100, priority=10)
+    # The first job waits for a switched-off host: the big one behind it reserves a.
+    assert claims.claim_next("w") is None
+    assert any("reserved for job" in line for line in placement.why_waiting(small))
+    ContainerJob.objects.filter(pk=running.pk).update(status=Status.COMPLETED)
+    job = claims.claim_next("w")
+    assert job is not None and job.pk == big.pk and job.assigned_host_id == a.pk
+
+
+def test_limits_of_the_wrong_type_are_a_validation_error_not_a_crash() -> None:
+    host(memory_capacity_mb=1024)
+    for field, value in (("memory_limit", "abc"), ("cpu_limit", "x")):
+        with pytest.raises(ValidationError) as error:
+            ContainerJob(docker_image="busybox", command="true", **{field: value}).full_clean()
+        assert field in error.value.message_dict
+
+
+def test_a_record_of_a_job_that_ran_is_not_refused_when_hosts_shrink() -> None:
+    small = host(memory_capacity_mb=1024)
+    job = queued(memory_limit=600)
+    assert claimed_ids() == [job.pk]
+    ExecutorHost.objects.filter(pk=small.pk).update(memory_capacity_mb=500)
+    ContainerJob.objects.get(pk=job.pk).full_clean()  # launching: left alone
+
+
+def test_switching_the_big_host_off_does_not_fail_the_jobs_only_it_can_hold() -> None:
+    big = host("big", memory_capacity_mb=8192)
+    host("small", memory_capacity_mb=1024)
+    job = queued(memory_limit=4096)
+    ExecutorHost.objects.filter(pk=big.pk).update(is_active=False)
+    assert dispatch.refuse_unfittable() == 0
+    assert ContainerJob.objects.get(pk=job.pk).status == Status.QUEUED
+    ExecutorHost.objects.filter(pk=big.pk).update(memory_capacity_mb=2048)
+    assert dispatch.refuse_unfittable() == 1
+    assert "every host" in ContainerJob.objects.get(pk=job.pk).last_error
+
+
+def test_dispatch_counts_each_admitted_job_against_the_room_left() -> None:
+    host(memory_capacity_mb=1024)
+    jobs = [queued(memory_limit=300) for _ in range(6)]
+    assert claims.eligible_ready_ids(10) == [job.pk for job in jobs[:3]]
+
+
+def test_why_waiting_for_a_job_that_fits_names_the_queue_and_unreachable_daemons() -> None:
+    from django.utils import timezone
+
+    host(memory_capacity_mb=1024)
+    job = queued(memory_limit=300)
+    assert placement.why_waiting(job)[0].startswith(placement.FITS_NOW)
+    ExecutorHost.objects.update(unreachable_since=timezone.now(), max_concurrent_jobs=1)
+    queued(memory_limit=300, priority=90)
+    claimed_ids()
+    lines = placement.why_waiting(job)
+    assert any("has not answered since" in line and "full" in line for line in lines), lines

@@ -227,7 +227,9 @@ def test_read_capacity_action_reports_a_daemon_that_cannot_tell(
     assert (reload(host).memory_capacity_mb, reload(host).cpu_capacity) == (2048, 2.0)
 
 
-def test_read_capacity_follows_the_reserve_settings_and_the_minimums(settings: Any) -> None:
+def test_read_capacity_follows_the_reserve_settings_and_refuses_a_tiny_daemon(
+    settings: Any,
+) -> None:
     host = ExecutorHost.objects.create(name="tiny")
     fake = MemoryExecutor()
     fake.daemon_info = DaemonInfo(memory_mb=16384, cpus=8.0)
@@ -238,7 +240,8 @@ def test_read_capacity_follows_the_reserve_settings_and_the_minimums(settings: A
     }
     assert read_capacity(host, fake) == (14336, 6.5)
     fake.daemon_info = DaemonInfo(memory_mb=1000, cpus=1.0)
-    assert read_capacity(host, fake) == (4, 0.01)  # never below what the model accepts
+    with pytest.raises(ExecutorError, match="no more than the reserve"):
+        read_capacity(host, fake)  # a 4 MiB capacity would fail every waiting job
 
 
 def test_container_hosts_lists_capacity_and_use() -> None:

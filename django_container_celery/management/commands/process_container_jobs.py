@@ -32,8 +32,6 @@ from ...watching import Watcher
 DRY_RUN_WAITING_SHOWN = 10
 # The openings of why_waiting's lines for a job held back by the global limit, and for one
 # that only waits for the next claim.
-GLOBAL_LIMIT = "global limit"
-IDLE = "nothing holds it back"
 
 
 class Command(BaseCommand):
@@ -243,10 +241,10 @@ class Command(BaseCommand):
 
 def _waits(job: ContainerJob, fits_a_host: bool, limit: int) -> list[str]:
     reasons = placement.why_waiting(job)
-    if fits_a_host and not any(line.startswith(GLOBAL_LIMIT) for line in reasons):
+    if fits_a_host and not any(line.startswith(placement.GLOBAL_LIMIT) for line in reasons):
         # Room on a host, but the free slots under this run's limit went to the jobs
         # before it: a reason why_waiting cannot see, since the limit may come from
         # --max-concurrent.
-        reasons = [line for line in reasons if not line.startswith(IDLE)]
+        reasons = [line for line in reasons if not line.startswith(placement.FITS_NOW)]
         reasons.append(f"the free slots under the limit of {limit} jobs go to the jobs above")
     return reasons

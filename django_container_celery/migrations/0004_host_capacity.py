@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('django_container_celery', '0002_integrity'),
+        ('django_container_celery', '0003_holding_index'),
     ]
 
     operations = [
