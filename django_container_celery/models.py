@@ -116,6 +116,15 @@ class ExecutorHost(models.Model):
         ordering = ["name"]
         constraints = [
             check_constraint(Q(max_concurrent_jobs__gte=1), "dcc_host_capacity_positive"),
+            # A zero capacity would make every job "too big" and have dispatch fail it.
+            check_constraint(
+                Q(memory_capacity_mb__isnull=True) | Q(memory_capacity_mb__gte=4),
+                "dcc_host_memory_capacity_range",
+            ),
+            check_constraint(
+                Q(cpu_capacity__isnull=True) | Q(cpu_capacity__gte=0.01),
+                "dcc_host_cpu_capacity_range",
+            ),
         ]
 
     def __str__(self) -> str:
