@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from django.contrib.auth.models import Permission
+from django.test import Client
+
 from django_container_celery.models import ContainerJob
+
+_users = itertools.count()
+
+
+def staff_client(user_model: Any, *codenames: str) -> Client:
+    """A logged-in staff client holding exactly the given permissions of the app."""
+    user = user_model.objects.create_user(
+        username=f"staff{next(_users)}", password="pw", is_staff=True
+    )
+    user.user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label="django_container_celery", codename__in=codenames
+        )
+    )
+    client = Client()
+    client.force_login(user)
+    return client
 
 
 def job_form_data(job: ContainerJob, environment: str, **changes: Any) -> dict[str, Any]:

@@ -51,6 +51,17 @@ def containers_of(docker_client: Any, job_id: object) -> list[Any]:
 
 
 @pytest.fixture
+def made(docker_client: Any) -> Iterator[list[Any]]:
+    """A list for the jobs a test creates: their containers are removed at the end,
+    whatever happened."""
+    jobs: list[Any] = []
+    yield jobs
+    for job in jobs:
+        for container in containers_of(docker_client, job.pk):
+            container.remove(force=True)
+
+
+@pytest.fixture
 def broker_url() -> str:
     """The shared broker from settings; fails the test when it does not answer."""
     import redis

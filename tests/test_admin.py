@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.db import connection
 from django.test import Client
@@ -31,7 +30,7 @@ from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.states import Status
 from django_container_celery.validators import MASK
 
-from .admin_support import job_form_data
+from .admin_support import job_form_data, staff_client
 
 pytestmark = pytest.mark.django_db
 
@@ -65,15 +64,7 @@ def client_with(django_user_model: Any) -> ClientFactory:
     """A logged-in staff client holding exactly the given permission codenames."""
 
     def make(*codenames: str) -> Client:
-        user = django_user_model.objects.create_user(
-            username=f"user{next(_names)}", password="pw", is_staff=True
-        )
-        user.user_permissions.set(
-            Permission.objects.filter(content_type__app_label=APP, codename__in=codenames)
-        )
-        client = Client()
-        client.force_login(user)
-        return client
+        return staff_client(django_user_model, *codenames)
 
     return make
 

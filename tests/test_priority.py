@@ -5,7 +5,6 @@ waiting for it. Start order is read from the daemon's container start events."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,23 +18,12 @@ from django_container_celery.queue import queue_manager
 from django_container_celery.states import Status
 
 from .celery_support import celery_cluster, wait_for
-from .conftest import containers_of
 from .docker_events import StartEvents
 
 pytestmark = [pytest.mark.celery, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 # Exits at once on the stop signal, so cancelling the blockers is quick.
 LONG = "sh -c 'trap \"exit 0\" TERM; sleep 600 & wait'"
-
-
-@pytest.fixture
-def made(docker_client: Any) -> Iterator[list[ContainerJob]]:
-    """Jobs the test creates; their containers are removed at the end whatever happened."""
-    jobs: list[ContainerJob] = []
-    yield jobs
-    for job in jobs:
-        for container in containers_of(docker_client, job.pk):
-            container.remove(force=True)
 
 
 def create(made: list[ContainerJob], image: str, command: str, **fields: Any) -> ContainerJob:

@@ -12,7 +12,6 @@ from io import StringIO
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -34,6 +33,8 @@ from django_container_celery.hosts import read_capacity
 from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.states import Status
 
+from .admin_support import staff_client
+
 pytestmark = pytest.mark.django_db
 
 APP = "django_container_celery"
@@ -52,24 +53,12 @@ def memory_docker(settings: Any) -> MemoryExecutor:
 @pytest.fixture
 def hosts_admin(django_user_model: Any) -> Client:
     """A staff client that may view and change hosts, and nothing else."""
-    return _client(django_user_model, "view_executorhost", "change_executorhost")
+    return staff_client(django_user_model, "view_executorhost", "change_executorhost")
 
 
 @pytest.fixture
 def hosts_viewer(django_user_model: Any) -> Client:
-    return _client(django_user_model, "view_executorhost")
-
-
-def _client(user_model: Any, *codenames: str) -> Client:
-    user = user_model.objects.create_user(
-        username=f"user{next(_names)}", password="pw", is_staff=True
-    )
-    user.user_permissions.set(
-        Permission.objects.filter(content_type__app_label=APP, codename__in=codenames)
-    )
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_client(django_user_model, "view_executorhost")
 
 
 def make_job(**fields: Any) -> ContainerJob:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.states import Status
 
 from .celery_support import celery_cluster, wait_for
-from .conftest import containers_of
 
 pytestmark = [pytest.mark.celery, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -54,15 +52,6 @@ class RunningAtOnce:
         time.sleep(0.5)  # the last events are on their way
         with contextlib.suppress(Exception):
             self._stream.close()
-
-
-@pytest.fixture
-def made(docker_client: Any) -> Iterator[list[ContainerJob]]:
-    jobs: list[ContainerJob] = []
-    yield jobs
-    for job in jobs:
-        for container in containers_of(docker_client, job.pk):
-            container.remove(force=True)
 
 
 def test_three_racing_workers_never_run_more_than_the_memory_holds(
