@@ -19,7 +19,7 @@ from django_container_celery.watching import WATCH_LOCK_CLASS
 
 from .celery_support import Proc, celery_cluster, wait_for
 from .conftest import containers_of
-from .docker_events import StartEvents
+from .docker_events import ContainerEvents
 
 pytestmark = [
     pytest.mark.celery,
@@ -77,7 +77,7 @@ def test_a_worker_of_concurrency_two_keeps_thirty_containers_running(
     broker_url: str, test_image: str, docker_client: Any
 ) -> None:
     jobs = make_jobs(test_image, "sh -c 'sleep 30; echo done-{n}'", 30)
-    starts = StartEvents(docker_client)
+    starts = ContainerEvents(docker_client)
     try:
         with celery_cluster(broker_url, MAX_CONCURRENT_JOBS=40, KEEP_CONTAINERS=True) as cluster:
             cluster.worker("w1", concurrency=2)

@@ -18,7 +18,7 @@ from django_container_celery.queue import queue_manager
 from django_container_celery.states import Status
 
 from .celery_support import celery_cluster, wait_for
-from .docker_events import StartEvents
+from .docker_events import ContainerEvents
 
 pytestmark = [pytest.mark.celery, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -76,7 +76,7 @@ def test_quickstart_defaults_give_a_freed_slot_to_the_high_job(
             90,
             message=f"the ten long jobs did not all run: {statuses(busy)}",
         )
-        starts = StartEvents(docker_client)
+        starts = ContainerEvents(docker_client)
         low = [create(made, test_image, LONG, name=f"low-{n}", priority=20) for n in range(4)]
         for job in low:
             job.delay()
@@ -114,7 +114,7 @@ def test_a_host_of_capacity_one_starts_jobs_by_priority_then_fifo(
     for job in jobs:
         queue_manager.queue_job(job, celery_task_id=str(uuid.uuid4()))
     ContainerJob.objects.filter(pk__in=[j.pk for j in jobs]).update(dispatched_at=timezone.now())
-    starts = StartEvents(docker_client)
+    starts = ContainerEvents(docker_client)
     with celery_cluster(broker_url) as cluster:
         # The worst order for priority: lowest first, all at one broker priority, so the
         # broker delivers them as sent; they wait in the queue until the worker starts.
@@ -146,7 +146,7 @@ def test_signatures_on_a_host_of_capacity_one_start_by_priority_then_fifo(
         cluster.worker("w1", concurrency=3)
         blocker.delay()
         wait_for(lambda: statuses([blocker]) == [Status.RUNNING], 60)
-        starts = StartEvents(docker_client)
+        starts = ContainerEvents(docker_client)
         steps = group(
             priority_tasks.low_step.s("a"),
             priority_tasks.urgent_step.s("b"),
