@@ -317,6 +317,20 @@ RELATIONS: tuple[Relation, ...] = (
         "Otherwise every dispatch finds the messages it sent last time presumed lost, "
         "and sends them again.",
     ),
+    Relation(
+        "DEFAULT_JOB_MEMORY_MB",
+        "at most",
+        "MAX_MEMORY_MB",
+        lambda default, maximum: default <= maximum,
+        "A job without a memory_limit would count for more than any job may ask for.",
+    ),
+    Relation(
+        "DEFAULT_JOB_CPUS",
+        "at most",
+        "MAX_CPUS",
+        lambda default, maximum: default <= maximum,
+        "A job without a cpu_limit would count for more than any job may ask for.",
+    ),
 )
 
 

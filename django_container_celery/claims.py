@@ -158,7 +158,7 @@ class _ClaimSQL:
         """SELECT of the first ready jobs, in launch order, that fit a host now.
 
         ``rooms`` None means no ExecutorHost rows exist (or no host test is wanted): every
-        job may run. ``reserved`` keeps its host for its own job. ``route_of`` keeps the
+        job may run. ``reserved`` keeps its hosts for their own jobs. ``route_of`` keeps the
         jobs pinned to that route's host (or unpinned ones).
         """
         waiting = self.statuses(states.WAITING)
@@ -199,7 +199,7 @@ class _ClaimSQL:
         clauses: list[str] = []
         params: list[Any] = []
         for room in rooms:
-            if room.free_slots <= 0 or (reserved is not None and reserved.host_id == room.host_id):
+            if room.free_slots <= 0 or (reserved is not None and reserved.holds(room.host_id)):
                 continue
             clause = "(r.docker_host_id IS NULL OR r.docker_host_id = %s)"
             params.append(room.host_id)
@@ -273,7 +273,7 @@ def _host_for(
     _job_id, pinned, memory, cpus = row
     if pinned is not None:
         return next((room for room in rooms if room.host_id == pinned), None)
-    exclude = reserved.host_id if reserved is not None else None
+    exclude = reserved.hosts if reserved is not None else ()
     chosen = placement.choose_host(rooms, Need.of(memory, cpus), exclude=exclude)
     return next((room for room in rooms if room.host_id == chosen), None)
 
@@ -408,11 +408,14 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     now = database_now()
     rooms = _rooms()
     reserved = _reservation(builder, now, rooms)
+    # Each job is checked alone in SQL; counted together some of them no longer fit, so
+    # read further than the limit to fill it.
+    extra = 0 if rooms is None else placement.RESERVATION_SCAN
     sql, params = builder.ready_ids(
         now=now,
         rooms=rooms,
         reserved=reserved,
-        limit=limit,
+        limit=limit + extra,
         lock=False,
         columns=_CANDIDATE_COLUMNS,
     )
@@ -422,8 +425,10 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     to_python = ContainerJob._meta.pk.to_python
     if rooms is None:
         return [to_python(row[0]) for row in rows]
-    admitted = []
+    admitted: list[Any] = []
     for row in rows:
+        if len(admitted) >= limit:
+            break
         host = _host_for(rooms, row, reserved)
         if host is None or not host.fits_now(Need.of(row[2], row[3])):
             continue

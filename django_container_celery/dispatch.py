@@ -70,17 +70,17 @@ def refuse_unfittable(limit: int = 100) -> int:
 
 
 def _too_big_query(rooms: Sequence[HostRoom]) -> QuerySet[ContainerJob] | None:
-    """Waiting jobs that may be too big for every host they may use (checked one by one
-    after), or None when no active host counts resources."""
-    active = [room for room in rooms if room.active and room.counts_resources]
-    if not active:
+    """Waiting jobs that may be too big for every host they may use, by the rule of
+    ``placement.too_big`` (switched-off hosts included), or None when no host counts
+    resources. Each is checked once more before it is refused."""
+    counted = [room for room in rooms if room.counts_resources]
+    if not counted:
         return None
-    beyond = {room.host_id: _beyond(room) for room in active}
-    pinned = Q()
+    beyond = {room.host_id: _beyond(room) for room in counted}
+    wanted = Q(pk__in=[])
     for host_id, condition in beyond.items():
-        pinned |= Q(docker_host_id=host_id) & condition
-    wanted = pinned
-    if all(room.counts_resources for room in rooms if room.active):
+        wanted |= Q(docker_host_id=host_id) & condition
+    if len(counted) == len(rooms):
         unpinned = Q(docker_host__isnull=True)
         for condition in beyond.values():
             unpinned &= condition
@@ -93,7 +93,7 @@ def _too_big_query(rooms: Sequence[HostRoom]) -> QuerySet[ContainerJob] | None:
         ContainerJob.objects.filter(status__in=states.WAITING, claimed_by="")
         .annotate(need_memory=need_memory, need_cpus=need_cpus)
         .filter(wanted)
-        .order_by("queued_at")
+        .order_by("queued_at", "id")
     )
 
 

@@ -35,13 +35,18 @@ def read_capacity(host: ExecutorHost, executor: Executor | None = None) -> tuple
     memory = info.memory_mb - int(app_settings.HOST_MEMORY_RESERVE_MB)
     # Rounded so that 0.1-step reserves do not leave 3.3999999999999995 in the row.
     cpus = round(info.cpus - float(app_settings.HOST_CPU_RESERVE), 3)
-    if memory < _minimum("memory_capacity_mb") or cpus < _minimum("cpu_capacity"):
-        # A tiny capacity would make every waiting job "too big" and fail it: refuse.
+    # Smaller than what a job without limits counts for, the host could hold no such job,
+    # and dispatch would fail every one of them as too big: refuse instead.
+    least_memory = max(_minimum("memory_capacity_mb"), app_settings.DEFAULT_JOB_MEMORY_MB)
+    least_cpus = max(_minimum("cpu_capacity"), float(app_settings.DEFAULT_JOB_CPUS))
+    if memory < least_memory or cpus < least_cpus:
         raise ExecutorError(
-            f"{host.name}: the daemon reports {info.memory_mb} MiB and {info.cpus:g} CPUs, "
-            f"no more than the reserve (HOST_MEMORY_RESERVE_MB "
-            f"{app_settings.HOST_MEMORY_RESERVE_MB}, HOST_CPU_RESERVE "
-            f"{app_settings.HOST_CPU_RESERVE}); set the capacity by hand"
+            f"{host.name}: the daemon reports {info.memory_mb} MiB and {info.cpus:g} CPUs; "
+            f"less the reserve (HOST_MEMORY_RESERVE_MB {app_settings.HOST_MEMORY_RESERVE_MB}, "
+            f"HOST_CPU_RESERVE {app_settings.HOST_CPU_RESERVE}) that leaves {memory} MiB and "
+            f"{cpus:g} CPUs, less than one job without limits counts for "
+            f"(DEFAULT_JOB_MEMORY_MB {app_settings.DEFAULT_JOB_MEMORY_MB}, DEFAULT_JOB_CPUS "
+            f"{app_settings.DEFAULT_JOB_CPUS}); set the capacity by hand or lower those settings"
         )
     return memory, cpus
 

@@ -8,14 +8,14 @@ only if what the host's jobs hold plus what it needs fits both capacities. A hos
 declares neither counts jobs only, as before.
 
 Admitting the first ready job that fits could starve a big job behind a stream of small
-ones. So the first waiting job in queue order (by priority, then FIFO; among the first
-``RESERVATION_SCAN``) that fits no host now but fits an active one once it is free
-reserves that host: its pinned host, or else the largest active host it fits. No other
-job is admitted there by queue order until it has started, so its wait is bounded by the
-jobs already running on that host, as long as no job of higher priority arrives to take
-its place in line. Jobs that no active host can hold (pinned to a switched-off host) are
-passed over, so they never hold a reservation they cannot use. Smaller jobs keep using the
-other hosts meanwhile.
+ones. So the waiting jobs ahead of the first one that fits now (in queue order: priority,
+then FIFO; among the first ``RESERVATION_SCAN``) each reserve a host they fit once it is
+free: their pinned host, or else the largest active host they fit that no job ahead of
+them holds. No other job is admitted on a reserved host by queue order until its job has
+started, so that job waits only for the jobs already running there, as long as no job of
+higher priority arrives to take its place in line. Jobs that no active host can hold
+(pinned to a switched-off host) reserve nothing. Smaller jobs keep using the other hosts
+meanwhile.
 
 The claim (``claims.py``) reads the rooms once, inside its lock, chooses with them, and
 repeats every limit in its one conditional UPDATE.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -128,11 +128,13 @@ class HostRoom:
 
 @dataclasses.dataclass(frozen=True)
 class Reservation:
-    """The first ready job fits no host now: no other job starts on ``host_id`` by queue
-    order until it has."""
+    """Hosts held for waiting jobs that fit no host now (host id → job id): no other job
+    starts on them by queue order until their job has."""
 
-    host_id: int
-    job_id: Any
+    hosts: Mapping[int, Any]
+
+    def holds(self, host_id: int) -> bool:
+        return host_id in self.hosts
 
 
 def host_rooms() -> list[HostRoom]:
@@ -226,10 +228,10 @@ def taken(room: HostRoom, need: Need) -> HostRoom:
     )
 
 
-def choose_host(rooms: Sequence[HostRoom], need: Need, exclude: int | None = None) -> int | None:
+def choose_host(rooms: Sequence[HostRoom], need: Need, exclude: Collection[int] = ()) -> int | None:
     """The host for a job without one: among those it fits now, the most free slots
     weighted by the host's weight."""
-    candidates = [r for r in rooms if r.host_id != exclude and r.fits_now(need)]
+    candidates = [r for r in rooms if r.host_id not in exclude and r.fits_now(need)]
     if not candidates:
         return None
     best = max(candidates, key=lambda r: (r.free_slots * r.weight, r.weight, -r.host_id))
@@ -239,17 +241,19 @@ def choose_host(rooms: Sequence[HostRoom], need: Need, exclude: int | None = Non
 def find_reservation(
     rooms: Sequence[HostRoom], waiting: Iterable[tuple[Any, int | None, Need]]
 ) -> Reservation | None:
-    """The reservation, if any, from ``waiting`` (job id, pinned host, need) in queue
-    order: see the module's docstring."""
+    """The hosts reserved by ``waiting`` (job id, pinned host, need), in queue order: see
+    the module's docstring. None when nothing is reserved."""
+    held: dict[int, Any] = {}
     for job_id, pinned, need in waiting:
-        usable = [r for r in rooms if pinned is None or r.host_id == pinned]
+        usable = [
+            r for r in rooms if r.host_id not in held and (pinned is None or r.host_id == pinned)
+        ]
         if any(r.fits_now(need) for r in usable):
-            return None  # it starts now, ahead of everyone behind it
+            break  # the claim takes this one; nobody behind it needs protecting from it
         able = [r for r in usable if r.fits_empty(need)]
         if able:
-            largest = max(able, key=_size)
-            return Reservation(largest.host_id, job_id)
-    return None
+            held[max(able, key=_size).host_id] = job_id
+    return Reservation(held) if held else None
 
 
 def _size(room: HostRoom) -> tuple[float, float, int]:
@@ -343,10 +347,10 @@ def _host_reasons(
     if room.free_slots <= 0:
         reasons.append(f"full: {room.used_slots} of {room.slots} slots taken")
     reasons.extend(room.shortfalls(need))
-    if reserved is not None and reserved.host_id == room.host_id and reserved.job_id != job_id:
+    holder = reserved.hosts.get(room.host_id) if reserved is not None else None
+    if holder is not None and holder != job_id:
         reasons.append(
-            f"reserved for job {reserved.job_id}, which comes first in the queue and fits "
-            "no host now"
+            f"reserved for job {holder}, which comes first in the queue and fits no host now"
         )
     return reasons
 

@@ -224,6 +224,7 @@ class JobQueueManager:
     def run_job(
         self,
         job_id: Any,
+        *,
         this_job_only: bool = False,
         on_started: Callable[[ContainerJob, str], None] | None = None,
     ) -> tuple[ContainerJob | None, following.Progress | None]:
@@ -249,7 +250,7 @@ class JobQueueManager:
             job = claims.claim_job(job_id, self.worker_id)
         else:
             job = claims.claim_next(self.worker_id, route_of=job_id)
-            if job is None or str(job.pk) != str(job_id):
+            if job is None or job.pk != _as_uuid(job_id):
                 dispatch.forget(job_id)
         if job is not None:
             outcome = launch_claimed(job, self.executor(job), on_started=on_started)

@@ -88,7 +88,7 @@ def _running_reporter(task: Any, message_job_id: Any) -> Callable[[ContainerJob,
                 "attempt": job.attempt,
             },
         )
-        if str(job.pk) != str(message_job_id) or job.celery_task_id != task.request.id:
+        if job.pk != uuid.UUID(str(message_job_id)) or job.celery_task_id != task.request.id:
             _announce_started(task, job)
 
     return report_running

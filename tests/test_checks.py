@@ -195,6 +195,8 @@ def test_edge_values_pass() -> None:
                 "LOG_MAX_BYTES": 0,  # documented: stores logs whole
                 "MAX_MEMORY_MB": 4,
                 "MAX_CPUS": 0.01,
+                "DEFAULT_JOB_MEMORY_MB": 4,
+                "DEFAULT_JOB_CPUS": 0.01,
                 "MAX_TIMEOUT_SECONDS": 1,
                 "CLEANUP_AFTER_DAYS": 0,
                 "SHUTDOWN_TIMEOUT": 0,
@@ -286,6 +288,12 @@ def test_allowing_the_root_is_a_warning_not_an_error() -> None:
         ({"DISPATCH_INTERVAL": 60}, "DISPATCH_INTERVAL", "REDISPATCH_SECONDS"),
         ({"REDISPATCH_SECONDS": 3}, "DISPATCH_INTERVAL", "REDISPATCH_SECONDS"),
         ({"DEFAULT_RETRY_STRATEGY": "nightly"}, "DEFAULT_RETRY_STRATEGY", "RETRY_STRATEGIES"),
+        (
+            {"DEFAULT_JOB_MEMORY_MB": 1024, "MAX_MEMORY_MB": 512},
+            "DEFAULT_JOB_MEMORY_MB",
+            "MAX_MEMORY_MB",
+        ),
+        ({"DEFAULT_JOB_CPUS": 4.0, "MAX_CPUS": 2.0}, "DEFAULT_JOB_CPUS", "MAX_CPUS"),
     ],
 )
 def test_settings_that_disagree_are_an_error_naming_both(

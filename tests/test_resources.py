@@ -132,13 +132,16 @@ def test_a_job_that_hosts_shrank_under_ends_failed_with_the_reason() -> None:
     assert ContainerJob.objects.get(pk=fits.pk).status == Status.QUEUED
 
 
-def test_a_job_pinned_to_an_inactive_host_waits_rather_than_fails() -> None:
+def test_a_job_pinned_to_a_switched_off_host_waits_unless_the_host_shrank_under_it() -> None:
     off = host("off", memory_capacity_mb=512)
     job = queued(memory_limit=400, docker_host=off)
-    ExecutorHost.objects.filter(pk=off.pk).update(is_active=False, memory_capacity_mb=128)
+    ExecutorHost.objects.filter(pk=off.pk).update(is_active=False)
     assert dispatch.refuse_unfittable() == 0
     assert ContainerJob.objects.get(pk=job.pk).status == Status.QUEUED
     assert any("inactive" in line for line in placement.why_waiting(job))
+    ExecutorHost.objects.filter(pk=off.pk).update(memory_capacity_mb=128)
+    assert dispatch.refuse_unfittable() == 1
+    assert "its host" in ContainerJob.objects.get(pk=job.pk).last_error
 
 
 def test_why_waiting_names_memory_and_the_host() -> None:
@@ -230,3 +233,29 @@ def test_why_waiting_for_a_job_that_fits_names_the_queue_and_unreachable_daemons
     claimed_ids()
     lines = placement.why_waiting(job)
     assert any("has not answered since" in line and "full" in line for line in lines), lines
+
+
+def test_a_job_waiting_for_a_slot_elsewhere_does_not_take_the_big_jobs_reservation() -> None:
+    slots_only = host("a", max_concurrent_jobs=1)
+    big = host("big", memory_capacity_mb=4096)
+    first = queued(docker_host=slots_only)
+    assert claimed_ids() == [first.pk]  # host a is full now
+    queued(priority=90, docker_host=slots_only)  # waits for a's slot
+    running = queued(memory_limit=1024, docker_host=big)
+    assert claims.claim_next("w") is not None  # 1024 of 4096 MiB in use now
+    large = queued(memory_limit=4096, priority=50)
+    queued(memory_limit=512, priority=10)
+    # The large job reserves the big host: the 512 MiB job does not start there.
+    assert claims.claim_next("w") is None
+    ContainerJob.objects.filter(pk=running.pk).update(status=Status.COMPLETED)
+    job = claims.claim_next("w")
+    assert job is not None and job.pk == large.pk and job.assigned_host_id == big.pk
+
+
+def test_dispatch_reads_past_jobs_that_do_not_fit_together() -> None:
+    a = host("a", max_concurrent_jobs=1, memory_capacity_mb=1024)
+    b = host("b", memory_capacity_mb=1024)
+    first = queued(docker_host=a, priority=90)
+    queued(docker_host=a, priority=80)
+    on_b = queued(docker_host=b, priority=10)
+    assert claims.eligible_ready_ids(2) == [first.pk, on_b.pk]

@@ -229,8 +229,11 @@ def test_read_capacity_follows_the_reserve_settings_and_refuses_a_tiny_daemon(
     }
     assert read_capacity(host, fake) == (14336, 6.5)
     fake.daemon_info = DaemonInfo(memory_mb=1000, cpus=1.0)
-    with pytest.raises(ExecutorError, match="no more than the reserve"):
+    with pytest.raises(ExecutorError, match="less than one job without limits counts for"):
         read_capacity(host, fake)  # a 4 MiB capacity would fail every waiting job
+    fake.daemon_info = DaemonInfo(memory_mb=16384, cpus=2.0)  # 0.5 CPUs: no default job fits
+    with pytest.raises(ExecutorError, match="DEFAULT_JOB_CPUS"):
+        read_capacity(host, fake)
 
 
 def test_container_hosts_lists_capacity_and_use() -> None:

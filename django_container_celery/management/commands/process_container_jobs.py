@@ -30,8 +30,6 @@ from ...watching import Watcher
 
 # How many of the ready jobs that would not launch now a dry run explains.
 DRY_RUN_WAITING_SHOWN = 10
-# The openings of why_waiting's lines for a job held back by the global limit, and for one
-# that only waits for the next claim.
 
 
 class Command(BaseCommand):
