@@ -22,10 +22,11 @@ from django.utils import timezone
 from django.utils.http import urlencode
 
 from django_container_celery.admin import EstimatedCountPaginator, parse_job_id
-from django_container_celery.admin_views import QUEUE_STATUS_CHOICES, queue_status_q, redact
+from django_container_celery.admin.filters import QUEUE_STATUS_CHOICES, queue_status_q
+from django_container_celery.admin.forms import ScheduleForm, parse_environment
+from django_container_celery.admin.logs import redact
 from django_container_celery.executors import ContainerSpec, reset_memory_executor
 from django_container_celery.executors.memory import FakeRun, MemoryExecutor
-from django_container_celery.forms import ScheduleForm, parse_environment
 from django_container_celery.models import ContainerJob, ExecutorHost
 from django_container_celery.states import Status
 from django_container_celery.validators import MASK

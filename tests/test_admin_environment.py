@@ -23,13 +23,13 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from django_container_celery.executors import reset_memory_executor
-from django_container_celery.executors.memory import MemoryExecutor
-from django_container_celery.forms import (
+from django_container_celery.admin.forms import (
     EnvironmentField,
     format_environment,
     parse_environment,
 )
+from django_container_celery.executors import reset_memory_executor
+from django_container_celery.executors.memory import MemoryExecutor
 from django_container_celery.masking import MASK, is_secret_key
 from django_container_celery.models import ContainerJob
 

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from django_container_celery import admin_views, masking, results, validators
+from django_container_celery import masking, results, validators
+from django_container_celery.admin import logs as admin_logs
 from django_container_celery.exceptions import ContainerJobFailed
 from django_container_celery.executors.memory import MemoryExecutor
 from django_container_celery.masking import MASK, mask_data, mask_text, masked_exception
@@ -68,7 +69,7 @@ def test_mask_data_masks_nested_text_and_secret_named_entries() -> None:
 def test_the_admin_and_the_validators_use_the_shared_masking() -> None:
     assert validators.mask_environment is masking.mask_environment
     assert validators.is_secret_key is masking.is_secret_key and validators.MASK == MASK
-    assert admin_views.redact is masking.mask_text
+    assert admin_logs.redact is masking.mask_text
 
 
 @pytest.mark.django_db

@@ -10,61 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
 
 from django.contrib import messages
-from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import placement, states
+from .. import states
+from ..models import ContainerJob
+from ..queue import queue_manager
+from ..states import Status
 from .forms import EDITABLE_STATUSES, LOCKED_STATUSES
-from .hosts import cpu_use, memory_use
-from .masking import mask_text
-from .models import ContainerJob, ExecutorHost
-from .queue import queue_manager
-from .states import Status
-
-QUEUE_STATUS_CHOICES: list[tuple[str, Any]] = [
-    ("not_queued", _("Not queued")),
-    ("queued", _("Queued")),
-    ("scheduled", _("Scheduled")),
-    ("launched", _("Launched")),
-    ("launch_failed", _("Launch failed")),
-]
 
 _WAITING = sorted(states.WAITING)
-
-
-def queue_status_q(value: str, now: datetime | None = None) -> Q | None:
-    """The database condition for one ``ContainerJob.queue_status`` value (None if unknown).
-
-    The five conditions mirror the property branch by branch and partition the table, so
-    a filtered list and the badge on each row always agree.
-    """
-    now = now or timezone.now()
-    waiting = Q(status__in=_WAITING)
-    launching = Q(status=Status.LAUNCHING)
-    later = Q(scheduled_for__gt=now)
-    due = Q(scheduled_for__isnull=True) | Q(scheduled_for__lte=now)
-    not_waiting = ~Q(status__in=[*_WAITING, Status.LAUNCHING])
-    if value == "scheduled":
-        return waiting & later
-    if value == "queued":
-        return (waiting & due) | launching
-    pending = Q(status=Status.PENDING)
-    if value == "launched":
-        return not_waiting & ~pending & Q(launched_at__isnull=False)
-    if value == "launch_failed":
-        return Q(status=Status.FAILED, launched_at__isnull=True)
-    if value == "not_queued":
-        return pending | (not_waiting & ~Q(status=Status.FAILED) & Q(launched_at__isnull=True))
-    return None
 
 
 def job_label(job: ContainerJob) -> str:
@@ -288,98 +250,3 @@ def set_priority(queryset: QuerySet[ContainerJob], value: int, verb: str | Promi
         for job in eligible:
             report.record(job, None if job.pk in now_set else "started meanwhile")
     return report
-
-
-# -- hosts and the dashboard -------------------------------------------------------------
-
-
-def with_load(hosts: QuerySet[ExecutorHost]) -> QuerySet[ExecutorHost]:
-    """Annotate ``active_jobs``: jobs launching or running on each host.
-
-    A correlated subquery rather than ``Count`` over the join: the join would read every
-    job a host ever ran, while the subquery is served by the partial index on active jobs.
-    """
-    active = (
-        ContainerJob.objects.holding_slots()
-        .filter(assigned_host=OuterRef("pk"))
-        .order_by()
-        .values("assigned_host")
-        .annotate(n=Count("pk"))
-        .values("n")
-    )
-    return hosts.annotate(active_jobs=Coalesce(Subquery(active, output_field=IntegerField()), 0))
-
-
-def _resource_use(room: placement.HostRoom | None) -> dict[str, Any]:
-    """The dashboard's memory and CPU cells of one host, and which of them is used up."""
-    if room is None:  # created after the rooms were read
-        return {"memory": "-", "cpu": "-", "memory_full": False, "cpu_full": False}
-    free_memory, free_cpus = room.free_memory_mb, room.free_cpus
-    return {
-        "memory": memory_use(room),
-        "cpu": cpu_use(room),
-        "memory_full": free_memory is not None and free_memory <= 0,
-        "cpu_full": free_cpus is not None and free_cpus <= placement.CPU_SLACK,
-    }
-
-
-def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
-    now = now or timezone.now()
-    stats = queue_manager.get_queue_stats()
-    hosts = []
-    on_hosts = 0
-    rooms = {room.host_id: room for room in placement.host_rooms()}
-    for host in with_load(ExecutorHost.objects.all()):
-        running = int(host.active_jobs)  # type: ignore[attr-defined]
-        on_hosts += running
-        capacity = host.max_concurrent_jobs
-        hosts.append(
-            {
-                "host": host,
-                "running": running,
-                "capacity": capacity,
-                "percent": min(100, round(100 * running / capacity)) if capacity else 0,
-                "full": running >= capacity,
-                **_resource_use(rooms.get(host.pk)),
-            }
-        )
-    failed_last_hour = ContainerJob.objects.filter(
-        status=Status.FAILED, completed_at__gte=now - timedelta(hours=1)
-    ).count()
-    oldest = (
-        ContainerJob.objects.waiting()
-        .filter(queued_at__isnull=False)
-        .order_by("queued_at")
-        .only("pk", "name", "docker_image", "queued_at", "scheduled_for", "status", "priority")
-        .first()
-    )
-    return {
-        "stats": stats,
-        "hosts": hosts,
-        # Jobs with no ExecutorHost run on the default Docker host from settings.
-        "default_host_running": max(0, int(stats["running"]) - on_hosts),
-        "failed_last_hour": failed_last_hour,
-        "oldest": oldest,
-        "oldest_waiting_for": (now - oldest.queued_at) if oldest and oldest.queued_at else None,
-        "now": now,
-    }
-
-
-# -- logs --------------------------------------------------------------------------------
-
-LOG_STREAMS = {"stdout": "stdout_log", "stderr": "stderr_log"}
-LOG_PREVIEW_CHARS = 2000
-# The admin's name for the masking every other output of the app uses too.
-redact = mask_text
-
-
-def log_text(job: ContainerJob, stream: str) -> str:
-    return mask_text(getattr(job, LOG_STREAMS[stream]) or "", job.environment)
-
-
-def log_preview(job: ContainerJob, stream: str) -> tuple[str, bool]:
-    """The tail of a log for the change page, and whether it was cut."""
-    text = log_text(job, stream)
-    if len(text) <= LOG_PREVIEW_CHARS:
-        return text, False
-    return text[-LOG_PREVIEW_CHARS:], True

@@ -35,10 +35,10 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from .masking import MASK, is_secret_key
-from .models import ContainerJob
-from .states import Status
-from .validators import ENV_KEY_RE
+from ..masking import MASK, is_secret_key
+from ..models import ContainerJob
+from ..states import Status
+from ..validators import ENV_KEY_RE
 
 __all__ = [
     "DEFINITION_FIELDS",

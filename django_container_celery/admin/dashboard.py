@@ -1,0 +1,88 @@
+"""What the dashboard and the host list read: load per host, figures of the queue."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from .. import placement
+from ..hosts import cpu_use, memory_use
+from ..models import ContainerJob, ExecutorHost
+from ..queue import queue_manager
+from ..states import Status
+
+
+def with_load(hosts: QuerySet[ExecutorHost]) -> QuerySet[ExecutorHost]:
+    """Annotate ``active_jobs``: jobs launching or running on each host.
+
+    A correlated subquery rather than ``Count`` over the join: the join would read every
+    job a host ever ran, while the subquery is served by the partial index on active jobs.
+    """
+    active = (
+        ContainerJob.objects.holding_slots()
+        .filter(assigned_host=OuterRef("pk"))
+        .order_by()
+        .values("assigned_host")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return hosts.annotate(active_jobs=Coalesce(Subquery(active, output_field=IntegerField()), 0))
+
+
+def _resource_use(room: placement.HostRoom | None) -> dict[str, Any]:
+    """The dashboard's memory and CPU cells of one host, and which of them is used up."""
+    if room is None:  # created after the rooms were read
+        return {"memory": "-", "cpu": "-", "memory_full": False, "cpu_full": False}
+    free_memory, free_cpus = room.free_memory_mb, room.free_cpus
+    return {
+        "memory": memory_use(room),
+        "cpu": cpu_use(room),
+        "memory_full": free_memory is not None and free_memory <= 0,
+        "cpu_full": free_cpus is not None and free_cpus <= placement.CPU_SLACK,
+    }
+
+
+def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
+    now = now or timezone.now()
+    stats = queue_manager.get_queue_stats()
+    hosts = []
+    on_hosts = 0
+    rooms = {room.host_id: room for room in placement.host_rooms()}
+    for host in with_load(ExecutorHost.objects.all()):
+        running = int(host.active_jobs)  # type: ignore[attr-defined]
+        on_hosts += running
+        capacity = host.max_concurrent_jobs
+        hosts.append(
+            {
+                "host": host,
+                "running": running,
+                "capacity": capacity,
+                "percent": min(100, round(100 * running / capacity)) if capacity else 0,
+                "full": running >= capacity,
+                **_resource_use(rooms.get(host.pk)),
+            }
+        )
+    failed_last_hour = ContainerJob.objects.filter(
+        status=Status.FAILED, completed_at__gte=now - timedelta(hours=1)
+    ).count()
+    oldest = (
+        ContainerJob.objects.waiting()
+        .filter(queued_at__isnull=False)
+        .order_by("queued_at")
+        .only("pk", "name", "docker_image", "queued_at", "scheduled_for", "status", "priority")
+        .first()
+    )
+    return {
+        "stats": stats,
+        "hosts": hosts,
+        # Jobs with no ExecutorHost run on the default Docker host from settings.
+        "default_host_running": max(0, int(stats["running"]) - on_hosts),
+        "failed_last_hour": failed_last_hour,
+        "oldest": oldest,
+        "oldest_waiting_for": (now - oldest.queued_at) if oldest and oldest.queued_at else None,
+        "now": now,
+    }

@@ -1,0 +1,293 @@
+"""Container jobs in the admin: the pieces put together, and a job's own page.
+
+The list (``job_list``), the bulk actions (``job_actions``) and the extra pages
+(``job_views``) are parts of one ``ModelAdmin``; this module holds its settings and the
+change page, which leads with how the job stands and keeps what the workers write
+read-only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.contrib import admin, messages
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
+
+from .. import placement, states
+from ..masking import mask_environment, mask_text
+from ..models import ContainerJob
+from .common import CSS, TEMPLATES, flatten, never_show_facets
+from .filters import HostFilter, PriorityBandFilter, QueueStatusFilter
+from .forms import DEFINITION_FIELDS, LOCKED_STATUSES, ContainerJobForm, format_environment
+from .job_actions import JobActionsAdmin
+from .job_list import JobListAdmin
+from .job_views import JobViewsAdmin
+from .logs import LOG_STREAMS, log_preview
+from .operations import OPERATIONS
+from .paginator import EstimatedCountPaginator
+
+
+@admin.register(ContainerJob)
+@never_show_facets
+class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
+    form = ContainerJobForm
+    change_list_template = f"{TEMPLATES}/change_list.html"
+    change_form_template = f"{TEMPLATES}/change_form.html"
+    list_display = (
+        "job",
+        "queue_status_badge",
+        "status_badge",
+        "priority_display",
+        "retries",
+        "host",
+        "queued",
+        "scheduled",
+        "launched",
+        "finished",
+        "environment_summary",
+    )
+    list_display_links = ("job",)
+    list_filter = (
+        QueueStatusFilter,
+        "status",
+        PriorityBandFilter,
+        HostFilter,
+        ("created_at", admin.DateFieldListFilter),
+        ("completed_at", admin.DateFieldListFilter),
+    )
+    list_select_related = ("assigned_host", "docker_host")
+    # The default order, newest first, is served by the created_at index; the other sorts
+    # offered cost one top-N sort of the filtered rows, and the rest are not offered.
+    sortable_by = ("job", "priority_display", "queued", "finished")
+    search_fields = ("name", "docker_image", "command")
+    search_help_text = _(
+        "Name, image or command (contains), or a job id or container name (exact)."
+    )
+    show_full_result_count = False
+    paginator: ClassVar[type] = EstimatedCountPaginator
+    list_per_page = 100
+    actions = (
+        "queue_jobs",
+        "dequeue_jobs",
+        "cancel_jobs",
+        "retry_failed_jobs",
+        "retry_failed_jobs_reset_count",
+        "schedule_for_later",
+        "set_priority_high",
+        "set_priority_normal",
+        "set_priority_low",
+    )
+
+    class Media:
+        css = CSS
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ()
+        readonly = [
+            name
+            for fieldset in self.get_fieldsets(request, obj)
+            for name in flatten(fieldset[1]["fields"])
+            if name not in DEFINITION_FIELDS
+        ]
+        if self.definition_locked(request, obj):
+            # "environment" itself is listed so that the form drops the field: only the
+            # masked display (environment_masked) appears on the page.
+            readonly += DEFINITION_FIELDS
+        return readonly
+
+    def definition_locked(self, request: HttpRequest, obj: ContainerJob) -> bool:
+        return obj.status in LOCKED_STATUSES or not self.has_change_permission(request, obj)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        locked = obj is not None and self.definition_locked(request, obj)
+        env = "environment_masked" if locked else "environment"
+        definition: tuple[Any, dict[str, Any]] = (
+            None,
+            {
+                "fields": (
+                    "name",
+                    "description",
+                    "docker_image",
+                    "command",
+                    "working_directory",
+                    env,
+                    "bind_mounts",
+                    ("memory_limit", "cpu_limit", "timeout_seconds"),
+                    "docker_host",
+                )
+            },
+        )
+        queue_settings = ("priority", "max_retries", "retry_strategy", "retry_exit_codes")
+        if obj is None:
+            return [definition, (_("Queue"), {"fields": queue_settings})]
+        state_note = _("Written by the queue and the workers; change it with the actions above.")
+        # Asked only of waiting jobs: the answer reads every host's room.
+        waiting = ("why_waiting",) if obj.status in states.WAITING else ()
+        if locked and obj.status in LOCKED_STATUSES:
+            definition[1]["description"] = _(
+                "This job is %(status)s: its definition is kept as it ran and can no "
+                "longer be edited."
+            ) % {"status": obj.get_status_display().lower()}
+        return [
+            definition,
+            (
+                _("Queue"),
+                {
+                    "description": state_note,
+                    "fields": (
+                        *queue_settings,
+                        ("queue_status_badge", "status_badge"),
+                        ("queued_at", "scheduled_for", "launched_at"),
+                        *waiting,
+                        ("retry_count", "dispatched_at"),
+                        ("last_error_at", "last_error_masked"),
+                    ),
+                },
+            ),
+            (
+                _("Container"),
+                {
+                    "fields": (
+                        ("container_name", "execution_id"),
+                        ("attempt", "assigned_host"),
+                        ("claimed_by", "claimed_at", "lease_expires_at"),
+                        "celery_task_id",
+                        ("exit_code", "started_at", "completed_at", "duration_display"),
+                    )
+                },
+            ),
+            (_("Logs"), {"fields": ("stdout_preview", "stderr_preview")}),
+            (_("Record"), {"fields": (("id", "created_by"), ("created_at", "updated_at"))}),
+        ]
+
+    @admin.display(description=_("Environment"))
+    def environment_masked(self, job: ContainerJob) -> SafeString:
+        env = mask_environment(job.environment or {})
+        if not env:
+            return format_html("{}", "-")
+        # The edit form's notation, so a value holding a newline reads as one variable.
+        return format_html('<pre class="dcc-env">{}</pre>', format_environment(env, masked=False))
+
+    @admin.display(description=_("Last error"))
+    def last_error_masked(self, job: ContainerJob) -> str:
+        # An error may quote the container's output, and so one of the job's secrets.
+        return mask_text(job.last_error, job.environment)
+
+    @admin.display(description=_("Why is this job waiting?"))
+    def why_waiting(self, job: ContainerJob) -> SafeString:
+        return format_html(
+            '<ul class="dcc-why-waiting">{}</ul>',
+            format_html_join("", "<li>{}</li>", ((line,) for line in placement.why_waiting(job))),
+        )
+
+    @admin.display(description=_("Container name"))
+    def container_name(self, job: ContainerJob) -> str:
+        return job.container_name if job.attempt else "-"
+
+    @admin.display(description=_("Duration"))
+    def duration_display(self, job: ContainerJob) -> str:
+        duration = job.duration
+        return "-" if duration is None else f"{duration.total_seconds():.1f} s"
+
+    def _log_field(self, job: ContainerJob, stream: str) -> SafeString:
+        text, cut = log_preview(job, stream)
+        url = reverse(self._url_name("logs"), args=[job.pk, stream])
+        if not text:
+            return format_html('<span class="dcc-muted">{}</span>', _("(empty)"))
+        note = _("Showing the last %(n)s characters.") % {"n": len(text)} if cut else ""
+        return format_html(
+            '<pre class="dcc-log">{}</pre><p>{} <a href="{}">{}</a></p>',
+            text,
+            note,
+            url,
+            _("Full log"),
+        )
+
+    @admin.display(description=_("Standard output"))
+    def stdout_preview(self, job: ContainerJob) -> SafeString:
+        return self._log_field(job, "stdout")
+
+    @admin.display(description=_("Standard error"))
+    def stderr_preview(self, job: ContainerJob) -> SafeString:
+        return self._log_field(job, "stderr")
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> Any:
+        if obj is not None and not add:
+            context["dcc_operations"] = [
+                {"url": reverse(self._url_name("operation"), args=[obj.pk, op.name]), **vars(op)}
+                for op in OPERATIONS.values()
+                if obj.status in op.statuses and self.may_run(request, op.permission)
+            ]
+            context["dcc_log_urls"] = {
+                stream: reverse(self._url_name("logs"), args=[obj.pk, stream])
+                for stream in LOG_STREAMS
+            }
+            if obj.status in LOCKED_STATUSES:
+                # Nothing on the page can be saved any more; the tools above still act.
+                context.update(
+                    show_save=False, show_save_and_continue=False, show_save_and_add_another=False
+                )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        if not change:
+            if obj.created_by_id is None and request.user.is_authenticated:
+                obj.created_by = request.user
+            obj.save()
+            return
+        if obj.status in LOCKED_STATUSES:
+            if any(name in request.POST for name in DEFINITION_FIELDS):
+                self._refuse_save(request, obj.status)
+            return
+        fields = [name for name in form.changed_data if name in DEFINITION_FIELDS]
+        if not fields:
+            return
+        with transaction.atomic():
+            # The row lock keeps a worker from claiming the job between this check and the
+            # write; the worker's own state fields are never part of the write.
+            status = (
+                ContainerJob.objects.select_for_update()
+                .filter(pk=obj.pk)
+                .values_list("status", flat=True)
+                .first()
+            )
+            if status is None or status in LOCKED_STATUSES:
+                self._refuse_save(request, status or "deleted")
+                return
+            obj.save(update_fields=[*fields, "updated_at"])
+
+    def _refuse_save(self, request: HttpRequest, status: str) -> None:
+        request._dcc_save_refused = True  # type: ignore[attr-defined]
+        self.message_user(
+            request,
+            _(
+                "The job is now %(status)s, so its definition can no longer change; "
+                "your edits were not saved."
+            )
+            % {"status": status},
+            messages.ERROR,
+        )
+
+    def response_change(self, request: HttpRequest, obj: Any) -> HttpResponse:
+        if getattr(request, "_dcc_save_refused", False):
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
+
+    def log_change(self, request: HttpRequest, obj: Any, message: Any) -> Any:
+        if getattr(request, "_dcc_save_refused", False):
+            return None
+        return super().log_change(request, obj, message)
