@@ -26,7 +26,7 @@ from .filters import QUEUE_STATUS_LABELS
 from .forms import quote_value
 from .operations import OPERATIONS
 from .paginator import JobChangeList
-from .search import parse_job_id
+from .search import search_jobs
 
 
 class JobListAdmin(JobAdminBase):
@@ -62,9 +62,9 @@ class JobListAdmin(JobAdminBase):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
     ) -> tuple[QuerySet[Any], bool]:
-        job_id = parse_job_id(search_term)
-        if job_id is not None:
-            return queryset.filter(pk=job_id), False
+        found = search_jobs(queryset, search_term)
+        if found is not None:
+            return found, False
         return super().get_search_results(request, queryset, search_term)
 
     @admin.display(description=_("Job"), ordering="-created_at")

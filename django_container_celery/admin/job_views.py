@@ -22,6 +22,7 @@ from django.utils.translation import gettext_lazy as _
 from .common import TEMPLATES, JobAdminBase
 from .dashboard import dashboard_data
 from .filters import QUEUE_STATUS_CHOICES
+from .live import live_tail_response
 from .logs import LOG_STREAMS, log_text
 from .operations import OPERATIONS, run_operation
 
@@ -37,6 +38,7 @@ class JobViewsAdmin(JobAdminBase):
                 wrap(self.log_view),
                 name=f"{prefix}_logs",
             ),
+            path("<path:object_id>/live/", wrap(self.live_view), name=f"{prefix}_live"),
             path(
                 "<path:object_id>/operation/<str:operation>/",
                 wrap(self.operation_view),
@@ -79,6 +81,14 @@ class JobViewsAdmin(JobAdminBase):
         response = HttpResponse(log_text(job, stream), content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'inline; filename="{job.pk}-{stream}.log"'
         return response
+
+    def live_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        job = self.get_object(request, unquote(object_id))
+        if job is None:
+            raise Http404("No such job.")
+        return live_tail_response(job)
 
     def operation_view(self, request: HttpRequest, object_id: str, operation: str) -> HttpResponse:
         op = OPERATIONS.get(operation)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
+
+from django.db.models import QuerySet
 
 _JOB_ID_RE = re.compile(
     r"(?:dcc-)?([0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
@@ -21,3 +24,11 @@ def parse_job_id(term: str) -> uuid.UUID | None:
         return uuid.UUID(match.group(1))
     except ValueError:
         return None
+
+
+def search_jobs(queryset: QuerySet[Any], term: str) -> QuerySet[Any] | None:
+    """The jobs a search term finds, or None to let the admin's own search run."""
+    job_id = parse_job_id(term)
+    if job_id is not None:
+        return queryset.filter(pk=job_id)
+    return None
