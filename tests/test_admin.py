@@ -311,14 +311,40 @@ def test_small_table_is_counted_exactly(admin_client: Client) -> None:
 
 
 def test_changelist_masks_secrets_and_never_loads_logs(admin_client: Client) -> None:
-    make_job(environment={"DB_PASSWORD": "hunter22", "MODE": "fast"}, stdout_log="x" * 5000)
+    make_job(
+        environment={"DB_PASSWORD": "hunter22", "MODE": "fast"},
+        status=Status.FAILED,
+        exit_code=3,
+        last_error="login refused for hunter22 " + "y" * 5000,
+        stdout_log="x" * 5000,
+    )
     sql = changelist_queries(admin_client)
     rows_query = next(s for s in sql if '"docker_image"' in s)
     assert "stdout_log" not in rows_query
+    # Only the head of each error is read for the list, never the whole column.
+    assert "SUBSTR" in rows_query.upper()
     content = admin_client.get(changelist()).content.decode()
     assert "hunter22" not in content
-    assert f"DB_PASSWORD={MASK}" in content
-    assert "MODE=fast" in content
+    assert f"login refused for {MASK}" in content
+    assert "y" * 400 not in content
+
+
+def test_changelist_shows_exit_code_and_only_current_errors(admin_client: Client) -> None:
+    make_job(name="broke", status=Status.FAILED, exit_code=7, last_error="exit seven")
+    make_job(
+        name="recovered",
+        status=Status.COMPLETED,
+        exit_code=0,
+        retry_count=1,
+        last_error="first attempt died",
+    )
+    make_job(name="waiting", status=Status.RETRYING, exit_code=2, last_error="try again")
+    content = admin_client.get(changelist()).content.decode()
+    assert 'dcc-exit-bad">7<' in content
+    assert 'dcc-exit-ok">0<' in content
+    assert "exit seven" in content and "try again" in content
+    # A completed job's error belongs to an earlier attempt: history, not its state.
+    assert "first attempt died" not in content
 
 
 def test_changelist_view_permission(viewer: Client, stranger: Client) -> None:

@@ -172,3 +172,144 @@ def test_schedule_a_job_for_later_in_chromium(
     assert page.inner_text("#dcc-scheduled") == "2"
     assert "3 / 4" in page.inner_text("#dcc-hosts")
     page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
+
+
+def log_in(page: Any, live_server: Any, django_user_model: Any, target: str) -> None:
+    django_user_model.objects.create_superuser("operator", password="s3cret-pass")
+    page.goto(f"{live_server.url}/admin/login/?next={target}")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+
+
+def test_the_list_shows_exit_code_and_error_at_1366_pixels(
+    browser_page: Any, live_server: Any, django_user_model: Any
+) -> None:
+    page = browser_page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    populate()
+    ContainerJob.objects.create(
+        name="nightly-etl-with-a-rather-long-descriptive-name",
+        docker_image="registry.example.com:5000/data-platform/etl-runner:2026.12.01",
+        status=Status.FAILED,
+        exit_code=137,
+        attempt=2,
+        retry_count=1,
+        queued_at=timezone.now() - timedelta(minutes=20),
+        launched_at=timezone.now() - timedelta(minutes=19),
+        completed_at=timezone.now() - timedelta(minutes=2),
+        last_error="container exited with code 137 after writing 4 GiB to /tmp: " + "x " * 200,
+    )
+    log_in(page, live_server, django_user_model, "/admin/django_container_celery/containerjob/")
+    page.wait_for_selector("#result_list")
+    page.screenshot(path=str(OUTPUT / "changelist-1366.png"))
+
+    # Nothing is cut off: neither the page nor the list's own box scrolls sideways, and
+    # the last columns end left of the filters.
+    widths = page.evaluate(
+        """() => {
+            const page = document.documentElement, box = document.querySelector('.results');
+            return {page: page.scrollWidth, pageView: page.clientWidth,
+                    list: box.scrollWidth, listView: box.clientWidth,
+                    filters: document.querySelector('#changelist-filter')
+                        .getBoundingClientRect().left};
+        }"""
+    )
+    assert widths["page"] <= widths["pageView"], f"the page scrolls sideways: {widths}"
+    assert widths["list"] <= widths["listView"], f"the list scrolls sideways: {widths}"
+    for header in ("Exit", "Error"):
+        box = page.locator("#result_list thead th", has_text=header).bounding_box()
+        assert box is not None and box["x"] + box["width"] <= widths["filters"], (header, box)
+    row = page.locator("#result_list tbody tr", has_text="nightly-etl")
+    assert row.locator(".dcc-exit-bad").inner_text() == "137"
+    error = row.locator(".dcc-error")
+    assert error.inner_text().startswith("container exited with code 137")
+    error_box = error.bounding_box()
+    assert error_box is not None and error_box["x"] + error_box["width"] <= widths["filters"]
+    # The import-feed job failed without running: its error is in the list too.
+    assert (
+        "image not found"
+        in page.locator("#result_list tbody tr", has_text="import-feed").inner_text()
+    )
+
+
+def test_a_failed_job_page_leads_with_its_error(
+    browser_page: Any, live_server: Any, django_user_model: Any
+) -> None:
+    page = browser_page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    job = ContainerJob.objects.create(
+        name="monthly-invoices",
+        docker_image="busybox:latest",
+        command="sh -c 'exit 3'",
+        description="Renders the invoices of the month.\n" * 8,
+        environment={f"SETTING_{n}": f"value-{n}" for n in range(12)},
+        status=Status.FAILED,
+        exit_code=3,
+        attempt=4,
+        retry_count=3,
+        queued_at=timezone.now() - timedelta(minutes=30),
+        launched_at=timezone.now() - timedelta(minutes=5),
+        started_at=timezone.now() - timedelta(minutes=5),
+        completed_at=timezone.now() - timedelta(minutes=4),
+        last_error="container exited with code 3 (no retries left)",
+        last_error_at=timezone.now() - timedelta(minutes=4),
+    )
+    log_in(
+        page,
+        live_server,
+        django_user_model,
+        f"/admin/django_container_celery/containerjob/{job.pk}/change/",
+    )
+    error = page.locator("pre.dcc-error-text")
+    error.wait_for()
+    page.screenshot(path=str(OUTPUT / "failed-job-1366.png"))
+    box = error.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 768, f"error below the fold: {box}"
+    assert error.inner_text() == "container exited with code 3 (no retries left)"
+    exit_code = page.locator(".field-exit_code_shown .dcc-exit-bad")
+    assert exit_code.inner_text() == "3"
+    exit_box = exit_code.bounding_box()
+    assert exit_box is not None and exit_box["y"] <= 768
+    # The outcome comes before the definition; priority is shown, not offered as an input.
+    outcome_y = page.locator("fieldset", has_text="Outcome").first.bounding_box()
+    definition_y = page.locator("fieldset", has_text="Definition").first.bounding_box()
+    assert outcome_y is not None and definition_y is not None
+    assert outcome_y["y"] < definition_y["y"]
+    assert page.locator("input[name=priority]").count() == 0
+
+
+def test_a_job_that_recovered_shows_its_old_error_as_history(
+    browser_page: Any, live_server: Any, django_user_model: Any
+) -> None:
+    page = browser_page
+    page.set_viewport_size({"width": 1366, "height": 768})
+    job = ContainerJob.objects.create(
+        name="flaky-sync",
+        docker_image="busybox:latest",
+        status=Status.COMPLETED,
+        exit_code=0,
+        attempt=2,
+        retry_count=1,
+        queued_at=timezone.now() - timedelta(minutes=30),
+        scheduled_for=timezone.now() - timedelta(minutes=25),
+        launched_at=timezone.now() - timedelta(minutes=5),
+        started_at=timezone.now() - timedelta(minutes=5),
+        completed_at=timezone.now() - timedelta(minutes=4),
+        last_error="container exited with code 1 (retry 1 of 3)",
+        last_error_at=timezone.now() - timedelta(minutes=20),
+    )
+    log_in(
+        page,
+        live_server,
+        django_user_model,
+        f"/admin/django_container_celery/containerjob/{job.pk}/change/",
+    )
+    page.wait_for_selector(".field-status_badge")
+    page.screenshot(path=str(OUTPUT / "recovered-job-1366.png"), full_page=True)
+    outcome = page.locator("fieldset", has_text="Outcome").first
+    assert "code 1" not in outcome.inner_text()
+    history = page.locator("fieldset.dcc-history")
+    assert "container exited with code 1" in history.inner_text()
+    assert "Was scheduled for" in history.inner_text()
+    assert page.locator(".field-scheduled_for").count() == 0

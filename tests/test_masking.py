@@ -77,10 +77,18 @@ def test_the_admin_shows_the_last_error_masked() -> None:
     from django.contrib import admin
 
     job = ContainerJob.objects.create(
-        docker_image="busybox:latest", environment=ENV, last_error=f"rejected {SECRET}"
+        docker_image="busybox:latest",
+        environment=ENV,
+        last_error=f"rejected {SECRET}",
+        status=Status.FAILED,
     )
-    shown = admin.site._registry[ContainerJob].last_error_masked(job)
-    assert shown == f"rejected {MASK}"
+    job_admin = admin.site._registry[ContainerJob]
+    assert f"rejected {MASK}" in job_admin.current_error_shown(job)
+    assert SECRET not in job_admin.current_error_shown(job)
+    assert f"rejected {MASK}" in job_admin.error_summary(job)
+    job.status = Status.COMPLETED
+    assert f"rejected {MASK}" in job_admin.earlier_error_shown(job)
+    assert SECRET not in job_admin.earlier_error_shown(job)
 
 
 # -- log lines ---------------------------------------------------------------------------

@@ -16,15 +16,15 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString, mark_safe
+from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
-from ..masking import mask_environment
+from .. import states
 from ..models import PRIORITY_HIGH, PRIORITY_LOW, ContainerJob
 from .common import JobAdminBase, badge, clip, short_when
 from .filters import QUEUE_STATUS_LABELS
-from .forms import quote_value
 from .operations import OPERATIONS
+from .outcome import current_error, current_exit_code, schedule_is_current
 from .paginator import JobChangeList
 from .search import search_jobs
 
@@ -56,7 +56,7 @@ class JobListAdmin(JobAdminBase):
         columns: list[Any] = list(self.list_display)
         if allowed:
             # Next to the states the buttons act on, so they stay in view on narrow screens.
-            columns.insert(columns.index("status_badge") + 1, row_actions)
+            columns.insert(columns.index("state") + 1, row_actions)
         return columns
 
     def get_search_results(
@@ -69,8 +69,19 @@ class JobListAdmin(JobAdminBase):
 
     @admin.display(description=_("Job"), ordering="-created_at")
     def job(self, job: ContainerJob) -> SafeString:
-        title = job.name or str(job.pk)[:8]
-        return format_html('{}<br><span class="dcc-muted">{}</span>', title, job.docker_image)
+        title = clip(job.name or str(job.pk)[:8], 28)
+        return format_html(
+            '{}<br><span class="dcc-muted" title="{}">{}</span>',
+            title,
+            job.docker_image,
+            clip(job.docker_image, 28),
+        )
+
+    @admin.display(description=_("Status"), ordering="status")
+    def state(self, job: ContainerJob) -> SafeString:
+        # Both states in one cell: the row's status, and under it where the job stands in
+        # the queue, which is what the filters on the right select by.
+        return format_html("{}<br>{}", self.status_badge(job), self.queue_status_badge(job))
 
     @admin.display(description=_("Queue status"))
     def queue_status_badge(self, job: ContainerJob) -> SafeString:
@@ -92,21 +103,29 @@ class JobListAdmin(JobAdminBase):
 
     @admin.display(description=_("Queued"), ordering="queued_at")
     def queued(self, job: ContainerJob) -> SafeString:
-        return short_when(job.queued_at)
+        if job.scheduled_for is None or not schedule_is_current(job):
+            return short_when(job.queued_at)
+        return format_html(
+            '{}<br><span class="dcc-muted">{} {}</span>',
+            short_when(job.queued_at),
+            _("due"),
+            short_when(job.scheduled_for),
+        )
 
-    @admin.display(description=_("Scheduled for"))
-    def scheduled(self, job: ContainerJob) -> SafeString:
-        return short_when(job.scheduled_for)
+    @admin.display(description=_("Ran"), ordering="completed_at")
+    def ran(self, job: ContainerJob) -> SafeString:
+        if job.launched_at is None:
+            return format_html("{}", "-")
+        duration = job.duration
+        if duration is not None:
+            took = f"{duration.total_seconds():.0f} s"
+        else:
+            took = str(_("running")) if job.status in states.ACTIVE else "-"
+        return format_html(
+            '{}<br><span class="dcc-muted">{}</span>', short_when(job.launched_at), took
+        )
 
-    @admin.display(description=_("Launched"))
-    def launched(self, job: ContainerJob) -> SafeString:
-        return short_when(job.launched_at)
-
-    @admin.display(description=_("Finished"), ordering="completed_at")
-    def finished(self, job: ContainerJob) -> SafeString:
-        return short_when(job.completed_at)
-
-    @admin.display(description=_("Retries"))
+    @admin.display(description=_("Tries"))
     def retries(self, job: ContainerJob) -> str:
         return f"{job.retry_count} / {job.max_retries}"
 
@@ -118,17 +137,25 @@ class JobListAdmin(JobAdminBase):
             return f"{job.docker_host.name} (pinned)"
         return "-"
 
-    @admin.display(description=_("Environment"))
-    def environment_summary(self, job: ContainerJob) -> SafeString:
-        env = mask_environment(job.environment or {})
-        if not env:
+    @admin.display(description=_("Exit"))
+    def exit_code_shown(self, job: ContainerJob) -> SafeString:
+        code = current_exit_code(job)
+        if code is None:
             return format_html("{}", "-")
-        shown = [clip(f"{key}={quote_value(value)}", 32) for key, value in list(env.items())[:3]]
-        more = f" (+{len(env) - 3})" if len(env) > 3 else ""
         return format_html(
-            '<span class="dcc-env-summary">{}{}</span>',
-            format_html_join(mark_safe("<br>"), "{}", ((line,) for line in shown)),
-            more,
+            '<span class="dcc-exit dcc-exit-{}">{}</span>', "ok" if code == 0 else "bad", code
+        )
+
+    @admin.display(description=_("Error"))
+    def error_summary(self, job: ContainerJob) -> SafeString:
+        # The list loads only the head of each error (see JobChangeList).
+        head = getattr(job, "error_head", None)
+        error = current_error(job, head)
+        if not error:
+            return format_html("{}", "-")
+        line = " ".join(error.split())
+        return format_html(
+            '<span class="dcc-error" title="{}">{}</span>', clip(line, 300), clip(line, 60)
         )
 
     def changelist_view(

@@ -19,17 +19,24 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
 from .. import placement, states
-from ..masking import mask_environment, mask_text
+from ..masking import mask_environment
 from ..models import ContainerJob
-from .common import CSS, TEMPLATES, flatten, never_show_facets
+from ..states import Status
+from .common import CSS, TEMPLATES, flatten, never_show_facets, when
 from .filters import HostFilter, PriorityBandFilter, QueueStatusFilter
 from .forms import DEFINITION_FIELDS, LOCKED_STATUSES, ContainerJobForm, format_environment
 from .job_actions import JobActionsAdmin
 from .job_list import JobListAdmin
 from .job_views import JobViewsAdmin
+from .live import live_panel
 from .logs import LOG_STREAMS, log_preview
 from .operations import OPERATIONS
+from .outcome import current_error, earlier_error, schedule_is_current
 from .paginator import EstimatedCountPaginator
+
+# Definition fields that only the actions change once the job exists: priority orders the
+# queue, and the list's priority actions change it with the claim's rules in mind.
+QUEUE_OWNED = ("priority",)
 
 
 @admin.register(ContainerJob)
@@ -40,16 +47,14 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
     change_form_template = f"{TEMPLATES}/change_form.html"
     list_display = (
         "job",
-        "queue_status_badge",
-        "status_badge",
+        "state",
         "priority_display",
         "retries",
         "host",
         "queued",
-        "scheduled",
-        "launched",
-        "finished",
-        "environment_summary",
+        "ran",
+        "exit_code_shown",
+        "error_summary",
     )
     list_display_links = ("job",)
     list_filter = (
@@ -63,7 +68,7 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
     list_select_related = ("assigned_host", "docker_host")
     # The default order, newest first, is served by the created_at index; the other sorts
     # offered cost one top-N sort of the filtered rows, and the rest are not offered.
-    sortable_by = ("job", "priority_display", "queued", "finished")
+    sortable_by = ("job", "priority_display", "queued", "ran")
     search_fields = ("name", "docker_image", "command")
     search_help_text = _(
         "Name, image or command (contains), or a job id or container name (exact)."
@@ -84,7 +89,8 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
     )
 
     class Media:
-        css = CSS
+        css = {"all": (*CSS["all"], "django_container_celery/live_log.css")}
+        js = ("django_container_celery/live_log.js",)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
@@ -93,7 +99,7 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
             name
             for fieldset in self.get_fieldsets(request, obj)
             for name in flatten(fieldset[1]["fields"])
-            if name not in DEFINITION_FIELDS
+            if name not in DEFINITION_FIELDS or name in QUEUE_OWNED
         ]
         if self.definition_locked(request, obj):
             # "environment" itself is listed so that the form drops the field: only the
@@ -108,7 +114,7 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         locked = obj is not None and self.definition_locked(request, obj)
         env = "environment_masked" if locked else "environment"
         definition: tuple[Any, dict[str, Any]] = (
-            None,
+            _("Definition") if obj is not None else None,
             {
                 "fields": (
                     "name",
@@ -120,34 +126,36 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
                     "bind_mounts",
                     ("memory_limit", "cpu_limit", "timeout_seconds"),
                     "docker_host",
+                    ("max_retries", "retry_strategy"),
+                    "retry_exit_codes",
                 )
             },
         )
-        queue_settings = ("priority", "max_retries", "retry_strategy", "retry_exit_codes")
         if obj is None:
-            return [definition, (_("Queue"), {"fields": queue_settings})]
-        state_note = _("Written by the queue and the workers; change it with the actions above.")
-        # Asked only of waiting jobs: the answer reads every host's room.
-        waiting = ("why_waiting",) if obj.status in states.WAITING else ()
+            return [definition, (_("Queue"), {"fields": ("priority",)})]
         if locked and obj.status in LOCKED_STATUSES:
             definition[1]["description"] = _(
                 "This job is %(status)s: its definition is kept as it ran and can no "
                 "longer be edited."
             ) % {"status": obj.get_status_display().lower()}
         return [
+            self._outcome_fieldset(obj),
+            *self._history_fieldsets(obj),
             definition,
             (
                 _("Queue"),
                 {
-                    "description": state_note,
-                    "fields": (
-                        *queue_settings,
-                        ("queue_status_badge", "status_badge"),
-                        ("queued_at", "scheduled_for", "launched_at"),
-                        *waiting,
-                        ("retry_count", "dispatched_at"),
-                        ("last_error_at", "last_error_masked"),
+                    "description": _(
+                        "Written by the queue and the workers; change it with the buttons "
+                        "above or the list's actions (priority, schedule, retry)."
                     ),
+                    "fields": (
+                        "priority",
+                        ("queued_at", "scheduled_for", "launched_at"),
+                        ("retry_count", "dispatched_at"),
+                    )
+                    if schedule_is_current(obj)
+                    else ("priority", ("queued_at", "launched_at"), ("retry_count",)),
                 },
             ),
             (
@@ -158,13 +166,60 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
                         ("attempt", "assigned_host"),
                         ("claimed_by", "claimed_at", "lease_expires_at"),
                         "celery_task_id",
-                        ("exit_code", "started_at", "completed_at", "duration_display"),
+                        ("started_at", "completed_at"),
                     )
                 },
             ),
             (_("Logs"), {"fields": ("stdout_preview", "stderr_preview")}),
             (_("Record"), {"fields": (("id", "created_by"), ("created_at", "updated_at"))}),
         ]
+
+    def _outcome_fieldset(self, job: ContainerJob) -> tuple[Any, dict[str, Any]]:
+        """How the job stands, first on its page: an operator opens a failed job for its
+        error, and a running one for its output."""
+        fields: list[Any] = [("status_badge", "queue_status_badge")]
+        if job.status in states.FINAL or job.status == Status.RETRYING:
+            fields.append(("exit_code_shown", "duration_display", "last_error_at"))
+        if current_error(job):
+            fields.append("current_error_shown")
+        if job.status in states.WAITING:
+            # Asked only of waiting jobs: the answer reads every host's room.
+            fields.append("why_waiting")
+        if job.status in states.ACTIVE:
+            fields.append("live_output")
+        return (_("Outcome") if job.status in states.FINAL else _("Now"), {"fields": fields})
+
+    def _history_fieldsets(self, job: ContainerJob) -> list[tuple[Any, dict[str, Any]]]:
+        fields: list[str] = []
+        if earlier_error(job):
+            fields.append("earlier_error_shown")
+        if job.scheduled_for is not None and not schedule_is_current(job):
+            fields.append("was_scheduled_for")
+        if not fields:
+            return []
+        return [(_("History"), {"fields": fields, "classes": ("dcc-history",)})]
+
+    @admin.display(description=_("Error"))
+    def current_error_shown(self, job: ContainerJob) -> SafeString:
+        # Masked: an error may quote the container's output, and so one of the secrets.
+        return format_html('<pre class="dcc-error-text">{}</pre>', current_error(job))
+
+    @admin.display(description=_("Error of an earlier attempt"))
+    def earlier_error_shown(self, job: ContainerJob) -> SafeString:
+        return format_html(
+            '<pre class="dcc-error-text dcc-earlier">{}</pre><p class="dcc-muted">{}</p>',
+            earlier_error(job),
+            _("A later attempt ran after this error (%(when)s); it is not the job's state.")
+            % {"when": when(job.last_error_at)},
+        )
+
+    @admin.display(description=_("Was scheduled for"))
+    def was_scheduled_for(self, job: ContainerJob) -> str:
+        return when(job.scheduled_for)
+
+    @admin.display(description=_("Live output"))
+    def live_output(self, job: ContainerJob) -> SafeString:
+        return live_panel(job, reverse(self._url_name("live"), args=[job.pk]))
 
     @admin.display(description=_("Environment"))
     def environment_masked(self, job: ContainerJob) -> SafeString:
@@ -173,11 +228,6 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
             return format_html("{}", "-")
         # The edit form's notation, so a value holding a newline reads as one variable.
         return format_html('<pre class="dcc-env">{}</pre>', format_environment(env, masked=False))
-
-    @admin.display(description=_("Last error"))
-    def last_error_masked(self, job: ContainerJob) -> str:
-        # An error may quote the container's output, and so one of the job's secrets.
-        return mask_text(job.last_error, job.environment)
 
     @admin.display(description=_("Why is this job waiting?"))
     def why_waiting(self, job: ContainerJob) -> SafeString:

@@ -11,6 +11,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.functional import cached_property
 
+from .outcome import ERROR_HEAD
+
 # Never loaded for the list, which shows none of them whole: each log alone may hold
 # LOG_MAX_BYTES, and a hundred rows of logs would dwarf the page.
 LIST_DEFERRED = ("stdout_log", "stderr_log", "description", "last_error", "command")
@@ -62,4 +64,5 @@ class EstimatedCountPaginator(Paginator):
 
 class JobChangeList(ChangeList):
     def get_queryset(self, request: HttpRequest, *args: Any, **kwargs: Any) -> QuerySet[Any]:
-        return super().get_queryset(request, *args, **kwargs).defer(*LIST_DEFERRED)
+        queryset = super().get_queryset(request, *args, **kwargs).defer(*LIST_DEFERRED)
+        return queryset.annotate(error_head=ERROR_HEAD)

@@ -1,0 +1,55 @@
+"""How a job stands, as the list and the job's page show it: which error and exit code are
+its current state, and which belong to an attempt that was followed by another.
+
+A job that failed once and then completed keeps the first attempt's ``last_error`` (and a
+job that waited keeps ``scheduled_for``): both are history once a later attempt ran, and
+are shown as such, never as the job's present.
+"""
+
+from __future__ import annotations
+
+from django.db.models.functions import Substr
+
+from .. import states
+from ..masking import mask_text
+from ..models import ContainerJob
+from ..states import Status
+
+# An error is the job's present only in these statuses; in any other it is an earlier
+# attempt's (a job retried by hand waits with its old error, a later attempt may run).
+ERROR_IS_CURRENT = frozenset({Status.FAILED, Status.RETRYING, Status.CANCELLED})
+# An exit code is the job's present once its last attempt ended.
+EXIT_IS_CURRENT = frozenset({Status.COMPLETED, Status.FAILED, Status.RETRYING})
+
+# The list reads this much of each error instead of the whole column, masks it, then
+# shortens it: a secret cut by the read lies past what is shown, so it is never half shown.
+ERROR_HEAD_CHARS = 1000
+ERROR_HEAD = Substr("last_error", 1, ERROR_HEAD_CHARS)
+
+
+def masked_error(job: ContainerJob, text: str | None = None) -> str:
+    """The job's error (or ``text``, a part of it) with its secrets masked."""
+    return mask_text(job.last_error if text is None else text, job.environment)
+
+
+def current_error(job: ContainerJob, text: str | None = None) -> str:
+    """The error that is the job's present state, masked; empty when there is none."""
+    if job.status not in ERROR_IS_CURRENT:
+        return ""
+    return masked_error(job, text)
+
+
+def earlier_error(job: ContainerJob) -> str:
+    """An error left by an attempt that was followed by another, masked; else empty."""
+    if job.status in ERROR_IS_CURRENT or not job.last_error:
+        return ""
+    return masked_error(job)
+
+
+def current_exit_code(job: ContainerJob) -> int | None:
+    return job.exit_code if job.status in EXIT_IS_CURRENT else None
+
+
+def schedule_is_current(job: ContainerJob) -> bool:
+    """A due time means something only while the job waits for it."""
+    return job.status in states.WAITING or job.status == Status.PENDING
