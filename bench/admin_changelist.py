@@ -1,11 +1,23 @@
-"""How fast the container-job changelist loads with 200,000 jobs in the table.
+"""How fast the container-job admin answers with 200,000 jobs in the table.
 
 Creates its own PostgreSQL database (dropped at the end), fills it with jobs of mixed
-status, priority and host, then loads the admin changelist through Django's test client:
-unfiltered, filtered by queue status and by status, and searched. Each page is loaded
-twice in the same run: through the app's admin, and through the same admin with Django's
-default paginator and ``show_full_result_count=True`` (the baseline), on a second admin
-site. Prints ``name=value`` lines.
+status, priority and host, then loads admin pages through Django's test client, each
+against a baseline loaded in the same run:
+
+* the changelist unfiltered and filtered, and the host list: against the same admin with
+  Django's default paginator and ``show_full_result_count=True`` (``baseline_*``), on a
+  second admin site;
+* text searches (a rare word, a name prefix, a common image, two words, a rare word with
+  one found in every job, a word found in every job): against the same page before the
+  trigram indexes of migration 0006 exist (``baseline_search_*``), i.e. a read of the
+  whole table; ``*_rows`` is how many jobs each finds. The search by job id, which the
+  trigram indexes do not serve, is compared like the changelist;
+* the dashboard: against the same page with its job counts taken as first written, one
+  aggregate over the whole table, and the hosts' room read a second time
+  (``baseline_dashboard_*``).
+
+Prints ``name=value`` lines; ``*_sql_p50_ms`` is the time spent in SQL, which isolates
+what the two sides do differently from the rendering, which varies with the machine's load.
 
 Environment (optional): BENCH_PG_URL, the server and credentials to use (default
 postgres://dcc:dcc@127.0.0.1:5432/dcc; the database name is replaced); BENCH_ROWS (200000);
@@ -15,6 +27,7 @@ BENCH_LOADS, timed loads per page (5).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import statistics
@@ -24,6 +37,7 @@ import types
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,71 +74,59 @@ def drop_database() -> None:
 # One statement fills the table: generate_series is far faster than bulk_create for 200k
 # rows. One job every 30 seconds over ~70 days, statuses spread like a busy queue: mostly
 # finished, some waiting, a few running, failed or cancelled.
-FILL_SQL = """
-WITH g AS (
-    SELECT i,
-        CASE
-            WHEN i %% 100 < 62 THEN 'completed'
-            WHEN i %% 100 < 72 THEN 'failed'
-            WHEN i %% 100 < 80 THEN 'queued'
-            WHEN i %% 100 < 83 THEN 'retrying'
-            WHEN i %% 100 < 90 THEN 'pending'
-            WHEN i %% 100 < 92 THEN 'running'
-            WHEN i %% 100 < 93 THEN 'launching'
-            ELSE 'cancelled'
-        END AS status,
-        now() - make_interval(secs => i * 30) AS created
-    FROM generate_series(1, %(rows)s) AS i
-)
-INSERT INTO {table} (
-    id, name, description, docker_image, command, working_directory, environment,
-    bind_mounts, timeout_seconds, created_at, updated_at, status, priority, queued_at,
-    scheduled_for, launched_at, retry_count, max_retries, last_error, last_error_at,
-    retry_strategy, retry_exit_codes, claimed_by, attempt, assigned_host_id, docker_host_id,
-    execution_id, exit_code, started_at, completed_at, stdout_log, stderr_log, celery_task_id
-)
-SELECT
-    gen_random_uuid(),
-    (ARRAY['report', 'thumbnail', 'export', 'reindex', 'backup'])[1 + i %% 5] || '-' || i,
-    '',
-    (ARRAY['busybox:latest', 'registry.local/report:3', 'registry.local/search:7'])[1 + i %% 3],
-    'sh -c "run ' || i || '"',
-    '',
-    jsonb_build_object('MODE', 'batch', 'API_TOKEN', 'tok-' || i),
-    '[]'::jsonb,
-    3600,
-    created,
-    created,
-    status,
-    (ARRAY[20, 50, 50, 50, 80])[1 + i %% 5],
-    CASE WHEN status <> 'pending' THEN created END,
+FILL_ROWS = """
+SELECT i,
     CASE
+        WHEN i %% 100 < 62 THEN 'completed'
+        WHEN i %% 100 < 72 THEN 'failed'
+        WHEN i %% 100 < 80 THEN 'queued'
+        WHEN i %% 100 < 83 THEN 'retrying'
+        WHEN i %% 100 < 90 THEN 'pending'
+        WHEN i %% 100 < 92 THEN 'running'
+        WHEN i %% 100 < 93 THEN 'launching'
+        ELSE 'cancelled'
+    END AS status,
+    now() - make_interval(secs => i * 30) AS created
+FROM generate_series(1, %(rows)s) AS i
+"""
+
+# Column -> SQL expression over the row ``g`` above. Every other column of the model gets
+# its field's default (see ``fill``), so a field added later needs no change here.
+FILL_COLUMNS = {
+    "id": "gen_random_uuid()",
+    "name": "(ARRAY['report', 'thumbnail', 'export', 'reindex', 'backup'])[1 + i %% 5] || '-' || i",
+    "docker_image": "(ARRAY['busybox:latest', 'registry.local/report:3',"
+    " 'registry.local/search:7'])[1 + i %% 3]",
+    "command": "'sh -c \"run ' || i || '\"'",
+    "environment": "jsonb_build_object('MODE', 'batch', 'API_TOKEN', 'tok-' || i)",
+    "created_at": "created",
+    "updated_at": "created",
+    "status": "status",
+    "priority": "(ARRAY[20, 50, 50, 50, 80])[1 + i %% 5]",
+    "queued_at": "CASE WHEN status <> 'pending' THEN created END",
+    "scheduled_for": """CASE
         WHEN status = 'retrying' THEN now() + interval '5 minutes'
         WHEN status = 'queued' AND i %% 4 = 0 THEN now() + interval '1 hour'
-    END,
-    CASE WHEN status IN ('completed', 'running', 'cancelled')
-              OR (status = 'failed' AND i %% 2 = 0) THEN created + interval '2 seconds' END,
-    CASE WHEN status IN ('failed', 'retrying') THEN 1 ELSE 0 END,
-    3,
-    CASE WHEN status = 'failed' THEN 'exit code 1' ELSE '' END,
-    CASE WHEN status = 'failed' THEN created + interval '1 minute' END,
-    '',
-    '[]'::jsonb,
-    CASE WHEN status IN ('running', 'launching') THEN 'bench-worker' ELSE '' END,
-    CASE WHEN status IN ('pending', 'queued') THEN 0 ELSE 1 END,
-    CASE WHEN status NOT IN ('pending', 'queued') THEN %(host_a)s + i %% 2 END,
-    CASE WHEN i %% 10 = 0 THEN %(host_a)s END,
-    CASE WHEN status IN ('completed', 'failed', 'running') THEN md5(i::text) ELSE '' END,
-    CASE WHEN status = 'completed' THEN 0 WHEN status = 'failed' THEN 1 END,
-    CASE WHEN status IN ('completed', 'failed', 'running') THEN created END,
-    CASE WHEN status IN ('completed', 'failed', 'cancelled') THEN created + interval '1 minute'
-    END,
-    CASE WHEN status IN ('completed', 'failed')
-         THEN repeat('log line of the job ' || i || E'\\n', 100) ELSE '' END,
-    '',
-    ''
-FROM g
-"""
+    END""",
+    "launched_at": """CASE WHEN status IN ('completed', 'running', 'cancelled')
+        OR (status = 'failed' AND i %% 2 = 0) THEN created + interval '2 seconds' END""",
+    "retry_count": "CASE WHEN status IN ('failed', 'retrying') THEN 1 ELSE 0 END",
+    "last_error": "CASE WHEN status = 'failed' THEN 'exit code 1' ELSE '' END",
+    "last_error_at": "CASE WHEN status = 'failed' THEN created + interval '1 minute' END",
+    "claimed_by": "CASE WHEN status IN ('running', 'launching') THEN 'bench-worker' ELSE '' END",
+    "attempt": "CASE WHEN status IN ('pending', 'queued') THEN 0 ELSE 1 END",
+    "assigned_host_id": "CASE WHEN status NOT IN ('pending', 'queued')"
+    " THEN %(host_a)s + i %% 2 END",
+    "docker_host_id": "CASE WHEN i %% 10 = 0 THEN %(host_a)s END",
+    "execution_id": "CASE WHEN status IN ('completed', 'failed', 'running')"
+    " THEN md5(i::text) ELSE '' END",
+    "exit_code": "CASE WHEN status = 'completed' THEN 0 WHEN status = 'failed' THEN 1 END",
+    "started_at": "CASE WHEN status IN ('completed', 'failed', 'running') THEN created END",
+    "completed_at": "CASE WHEN status IN ('completed', 'failed', 'cancelled')"
+    " THEN created + interval '1 minute' END",
+    "stdout_log": "CASE WHEN status IN ('completed', 'failed')"
+    " THEN repeat('log line of the job ' || i || E'\\n', 100) ELSE '' END",
+}
 
 
 def fill(rows: int) -> None:
@@ -135,8 +137,19 @@ def fill(rows: int) -> None:
     host_a = ExecutorHost.objects.create(name="bench-a", max_concurrent_jobs=50)
     ExecutorHost.objects.create(name="bench-b", max_concurrent_jobs=50)
     table = connection.ops.quote_name(ContainerJob._meta.db_table)
+    params: dict[str, Any] = {"rows": rows, "host_a": host_a.pk}
+    columns = dict(FILL_COLUMNS)
+    for field in ContainerJob._meta.concrete_fields:
+        if field.column not in columns:
+            # The field's default ("" for blank text, None when nullable), adapted as
+            # Django saves it.
+            key = f"default_{field.column}"
+            params[key] = field.get_db_prep_save(field.get_default(), connection)
+            columns[field.column] = f"%({key})s"
+    names = ", ".join(connection.ops.quote_name(column) for column in columns)
+    sql = f"INSERT INTO {table} ({names}) SELECT {', '.join(columns.values())} FROM g"
     with connection.cursor() as cursor:
-        cursor.execute(FILL_SQL.format(table=table), {"rows": rows, "host_a": host_a.pk})
+        cursor.execute(f"WITH g AS ({FILL_ROWS}) {sql}", params)
     with connection.cursor() as cursor:
         # As autovacuum leaves a long-lived table: statistics fresh, visibility map set.
         cursor.execute(f"VACUUM ANALYZE {table}")
@@ -237,6 +250,71 @@ def measure(client: Any, url: str) -> Load:
     return Load(queries, wall, sql)
 
 
+def trigram_indexes(build: bool) -> None:
+    """Build (or drop) the search's trigram indexes as migration 0006 does."""
+    from django.apps import apps
+    from django.db import connection
+
+    migration = importlib.import_module("django_container_celery.migrations.0006_search_trigram")
+    step = migration.add_trigram_indexes if build else migration.remove_trigram_indexes
+    with connection.schema_editor(atomic=False) as editor:
+        step(apps, editor)
+    if build:
+        from django_container_celery.models import ContainerJob
+
+        with connection.cursor() as cursor:
+            # Statistics on the indexed expressions: the planner's estimate of how many
+            # jobs a word finds, which decides between the index and the created_at order.
+            cursor.execute(f"ANALYZE {connection.ops.quote_name(ContainerJob._meta.db_table)}")
+
+
+def one_pass_stats(rooms: Any = None) -> dict[str, Any]:
+    """``get_queue_stats`` as first written: every figure in one aggregate over the whole
+    table, and the hosts' room read again (the dashboard had read it already)."""
+    from django.db.models import Count, Min, Q
+    from django.utils import timezone
+
+    from django_container_celery import placement, states
+    from django_container_celery.models import ContainerJob
+    from django_container_celery.states import Status
+
+    now = timezone.now()
+    due = Q(scheduled_for__isnull=True) | Q(scheduled_for__lte=now)
+    waiting = Q(status__in=states.WAITING)
+    counts = ContainerJob.objects.aggregate(
+        ready_now=Count("pk", filter=waiting & due),
+        scheduled_future=Count("pk", filter=waiting & Q(scheduled_for__gt=now)),
+        running=Count("pk", filter=Q(status__in=states.ACTIVE)),
+        launch_failed=Count("pk", filter=Q(status=Status.FAILED, launched_at__isnull=True)),
+        oldest_waiting_since=Min("queued_at", filter=waiting),
+        **{f"status_{s.value}": Count("pk", filter=Q(status=s.value)) for s in Status},
+    )
+    return {
+        "queue_depth": counts["ready_now"] + counts["scheduled_future"],
+        "ready_now": counts["ready_now"],
+        "scheduled_future": counts["scheduled_future"],
+        "running": counts["running"],
+        "launch_failed": counts["launch_failed"],
+        "by_status": {s.value: counts[f"status_{s.value}"] for s in Status},
+        "oldest_waiting_since": counts["oldest_waiting_since"],
+        "hosts": [{"name": room.name} for room in placement.host_rooms()],
+    }
+
+
+def emit_against(name: str, load: Load, base: Load) -> None:
+    base.emit(f"baseline_{name}")
+    emit(f"{name}_speedup", statistics.median(base.wall_ms) / statistics.median(load.wall_ms))
+    sql_ratio = statistics.median(base.sql_ms) / max(statistics.median(load.sql_ms), 0.01)
+    emit(f"{name}_sql_speedup", sql_ratio)
+
+
+def emit_load(name: str, load: Load) -> None:
+    load.emit(name)
+    slowest = max(load.queries, key=lambda q: float(q["time"]))
+    emit(f"{name}_slowest_sql_ms", float(slowest["time"]) * 1000)
+    emit(f"{name}_slowest_query_plan", plan_of(slowest["sql"]))
+
+
 def main() -> None:
     started = time.perf_counter()
     os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
@@ -255,10 +333,14 @@ def main() -> None:
     from django.utils import timezone
     from django.utils.http import urlencode
 
+    from django_container_celery.admin.search import search_jobs
     from django_container_celery.models import ContainerJob
+    from django_container_celery.queue import queue_manager
 
     try:
         call_command("migrate", verbosity=0)
+        # Filled without the trigram indexes, so the searches' baseline can be read first.
+        trigram_indexes(build=False)
         fill_start = time.perf_counter()
         fill(ROWS)
         emit("rows", ROWS)
@@ -268,31 +350,48 @@ def main() -> None:
         client = Client()
         client.force_login(user)
         week_ago = timezone.localtime() - timedelta(days=7)
+        searches = {
+            "search_rare": "thumbnail-123451",
+            "search_name": "report-1999",
+            "search_image": "search:7",
+            "search_two_words": "report busybox",
+            "search_rare_and_everywhere": "run 4242",
+            "search_everywhere": "run",
+        }
+        unindexed = {}
+        for name, term in searches.items():
+            found = search_jobs(ContainerJob.objects.all(), term)
+            emit(f"{name}_rows", found.count() if found is not None else ROWS)
+            unindexed[name] = measure(client, ours + "containerjob/?" + urlencode({"q": term}))
+        build_start = time.perf_counter()
+        trigram_indexes(build=True)
+        emit("trigram_indexes_build_seconds", time.perf_counter() - build_start)
+
         pages = {
             "unfiltered": "containerjob/",
             "queue_status_queued": "containerjob/?queue_status=queued",
             "status_failed": "containerjob/?status__exact=failed",
-            "search_name": "containerjob/?q=report-1999",
-            "search_id": "containerjob/?q="
-            + str(ContainerJob.objects.values_list("pk", flat=True)[0]),
             "finished_past_7_days": "containerjob/?"
             + urlencode({"completed_at__gte": week_ago.isoformat()}),
-            "dashboard": "containerjob/dashboard/",
+            # The exact-id path reads the primary key with or without the trigram indexes.
+            "search_id": "containerjob/?q="
+            + str(ContainerJob.objects.values_list("pk", flat=True)[0]),
             "hosts": "executorhost/",
         }
         for name, page in pages.items():
             load = measure(client, ours + page)
-            load.emit(name)
-            slowest = max(load.queries, key=lambda q: float(q["time"]))
-            emit(f"{name}_slowest_query_plan", plan_of(slowest["sql"]))
-            if name == "dashboard":
-                continue
-            base = measure(client, baseline + page)
-            base.emit(f"baseline_{name}")
-            ratio = statistics.median(base.wall_ms) / statistics.median(load.wall_ms)
-            emit(f"{name}_speedup", ratio)
-            sql_ratio = statistics.median(base.sql_ms) / max(statistics.median(load.sql_ms), 0.01)
-            emit(f"{name}_sql_speedup", sql_ratio)
+            emit_load(name, load)
+            emit_against(name, load, measure(client, baseline + page))
+        for name, term in searches.items():
+            load = measure(client, ours + "containerjob/?" + urlencode({"q": term}))
+            emit_load(name, load)
+            emit_against(name, load, unindexed[name])
+
+        dashboard = ours + "containerjob/dashboard/"
+        load = measure(client, dashboard)
+        emit_load("dashboard", load)
+        with mock.patch.object(queue_manager, "get_queue_stats", one_pass_stats):
+            emit_against("dashboard", load, measure(client, dashboard))
     finally:
         connections.close_all()
         drop_database()

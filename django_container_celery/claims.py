@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -441,7 +441,8 @@ def eligible_ready_ids(limit: int) -> list[Any]:
 
 
 def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:
-    """Take a launching or running job whose lease expired; keep its attempt number.
+    """Take a launching or running job whose lease expired; keep its attempt number and
+    count the rescue (``takeover_count``).
 
     The new owner then looks for the attempt's container by its deterministic name.
     Expiry is judged by the database's clock, so a worker whose clock runs fast cannot
@@ -450,7 +451,13 @@ def take_over(job_id: Any, worker_id: str) -> ContainerJob | None:
     now = database_now()
     updated = ContainerJob.objects.filter(
         pk=job_id, status__in=states.ACTIVE, lease_expires_at__lt=Now()
-    ).update(claimed_by=worker_id, claimed_at=now, lease_expires_at=lease_deadline(now))
+    ).update(
+        claimed_by=worker_id,
+        claimed_at=now,
+        lease_expires_at=lease_deadline(now),
+        # In the same conditional UPDATE: two rescuers racing count one takeover.
+        takeover_count=F("takeover_count") + 1,
+    )
     if not updated:
         return None
     job = ContainerJob.objects.select_related("assigned_host", "docker_host").get(pk=job_id)

@@ -5,7 +5,9 @@ Every path that sees an attempt end describes it as an :class:`~.outcomes.Ending
 exit, a timeout, a vanished container, a failed launch, a cancel, a job that cannot be
 finished) and calls :func:`end_attempt`; the retry decision is
 ``retry.get_retry_decision``. The write is conditional on the claim (owner and attempt),
-so a process whose claim moved on records nothing.
+so a process whose claim moved on records nothing. An attempt under way gets its history
+row (``JobAttempt``: how it ended, where, when) in the same transaction as the job's
+transition, so the row exists exactly when the transition was made.
 
 The database row is written first and the container removed second: a worker that dies
 in between leaves an exited container (found later by cleanup), never a job that a rescue
@@ -15,15 +17,17 @@ would run again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from django.db import transaction
 
 from . import states
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
 from .executors.base import Executor
 from .masking import mask_text, masked_exception
-from .models import ContainerJob, database_now
+from .models import ContainerJob, JobAttempt, database_now
 from .outcomes import End, Ending
 from .retry import get_retry_decision, launch_error_type
 from .signals import attempt_ended
@@ -66,20 +70,72 @@ def end_attempt(
 
 
 def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[str, Any]) -> None:
-    if ending.kind is End.EXITED and ending.exit_code == 0 and not ending.error:
-        job.mark_as_completed(as_claimant=as_claimant, **fields)
+    """Write the job's transition and, when an attempt was under way, its history row, in
+    one transaction: when the transition raises (TransitionConflict), neither is written.
+
+    The history row goes first, so that a failure to write it leaves the instance as it
+    was, like the row.
+    """
+    with transaction.atomic():
+        ended = _attempt_in_progress(job)
+        if ending.kind is End.EXITED and ending.exit_code == 0 and not ending.error:
+            _write_attempt(ended, job, ending, fields, error="", retried=False)
+            job.mark_as_completed(as_claimant=as_claimant, **fields)
+            return
+        if ending.kind is End.CANCELLED:
+            _write_attempt(ended, job, ending, fields, error="", retried=False)
+            job.transition_to(Status.CANCELLED, as_claimant=as_claimant, **_cancel_fields(fields))
+            return
+        decision = get_retry_decision(job, ending)
+        message = describe(job, ending)
+        if decision.reason:
+            message += f" ({decision.reason})"
+        _write_attempt(ended, job, ending, fields, error=message, retried=decision.retry)
+        if decision.retry:
+            job.mark_as_retrying(decision.delay, error=message, as_claimant=as_claimant, **fields)
+        else:
+            job.mark_as_failed(error=message, as_claimant=as_claimant, **fields)
+
+
+def _attempt_in_progress(job: ContainerJob) -> Mapping[str, Any] | None:
+    """The row's current attempt (number, host, claim and start times), read under the
+    row's lock; None when none is under way (a waiting job being cancelled).
+
+    Read from the row, not the instance: a cancel is not conditional on the claim, and
+    its instance may predate the attempt it ends.
+    """
+    return (
+        ContainerJob.objects.select_for_update()
+        .filter(pk=job.pk, status__in=states.ACTIVE)
+        .values("attempt", "assigned_host_id", "claimed_at", "started_at")
+        .first()
+    )
+
+
+def _write_attempt(
+    ended: Mapping[str, Any] | None,
+    job: ContainerJob,
+    ending: Ending,
+    fields: dict[str, Any],
+    *,
+    error: str,
+    retried: bool,
+) -> None:
+    if ended is None:
         return
-    if ending.kind is End.CANCELLED:
-        job.transition_to(Status.CANCELLED, as_claimant=as_claimant, **_cancel_fields(fields))
-        return
-    decision = get_retry_decision(job, ending)
-    message = describe(job, ending)
-    if decision.reason:
-        message += f" ({decision.reason})"
-    if decision.retry:
-        job.mark_as_retrying(decision.delay, error=message, as_claimant=as_claimant, **fields)
-    else:
-        job.mark_as_failed(error=message, as_claimant=as_claimant, **fields)
+    exited = ending.kind in (End.EXITED, End.TIMED_OUT)
+    JobAttempt.objects.create(
+        job_id=job.pk,
+        attempt=ended["attempt"],
+        host_id=ended["assigned_host_id"],
+        reason=ending.kind.value,
+        exit_code=fields.get("exit_code", ending.exit_code) if exited else None,
+        error=mask_text(error, job.environment) if error else "",
+        claimed_at=ended["claimed_at"],
+        started_at=ended["started_at"],
+        ended_at=database_now(),
+        retried=retried,
+    )
 
 
 def _cancel_fields(fields: dict[str, Any]) -> dict[str, Any]:

@@ -345,6 +345,13 @@ class ContainerJob(models.Model):
     dispatched_at = models.DateTimeField(
         null=True, blank=True, help_text=_("When the last Celery message was sent.")
     )
+    takeover_count = models.PositiveIntegerField(
+        default=0,
+        help_text=_(
+            "How many times a worker took the job over from an owner whose lease expired "
+            "(a rescue)."
+        ),
+    )
 
     # Execution state
     execution_id = models.CharField(max_length=128, blank=True)
@@ -399,6 +406,28 @@ class ContainerJob(models.Model):
             ),
             models.Index(fields=["status", "completed_at"], name="dcc_status_completed_idx"),
             models.Index(fields=["created_at"], name="dcc_created_idx"),
+            # Serve the dashboard and the metrics from the waiting rows alone, without
+            # reading the table: the oldest waiting job (first entry), and how many are
+            # ready or scheduled (an index-only scan of the backlog).
+            models.Index(
+                fields=["queued_at", "scheduled_for"],
+                name="dcc_waiting_since_idx",
+                condition=_WAITING_Q,
+            ),
+            # Counts and lists (newest first) jobs that failed before their container
+            # started, which would otherwise read every failed job ever kept.
+            models.Index(
+                fields=["created_at"],
+                name="dcc_launch_failed_idx",
+                condition=Q(status=Status.FAILED, launched_at__isnull=True),
+            ),
+            # Serves the metrics' count of failed jobs by how their last attempt ended: the
+            # failed jobs' attempt numbers read from the index alone, never from the table.
+            models.Index(
+                fields=["id", "attempt"],
+                name="dcc_failed_attempt_idx",
+                condition=Q(status=Status.FAILED),
+            ),
         ]
         permissions = [
             ("queue_containerjob", "Can queue, dequeue and retry container jobs"),
@@ -842,3 +871,78 @@ def _holder(row: dict[str, Any]) -> str:
 def container_name(job_id: object, attempt: int) -> str:
     """The deterministic Docker name of one attempt of a job: ``dcc-<job id>-a<attempt>``."""
     return f"dcc-{job_id}-a{attempt}"
+
+
+class AttemptReason(models.TextChoices):
+    """How an attempt ended: the values of ``outcomes.End``, and those reserved for
+    endings told apart later, so that recording one needs no migration."""
+
+    EXITED = "exited", _("Exited")
+    TIMED_OUT = "timed_out", _("Timed out")
+    VANISHED = "vanished", _("Vanished")
+    LAUNCH_FAILED = "launch_failed", _("Launch failed")
+    CANCELLED = "cancelled", _("Cancelled")
+    UNFINISHABLE = "unfinishable", _("Unfinishable")
+    OUT_OF_MEMORY = "out_of_memory", _("Out of memory")
+
+
+class JobAttempt(models.Model):
+    """One ended attempt of a job: how it ended, where, and when.
+
+    ``finishing.end_attempt`` writes exactly one row per attempt that ends (successful
+    exits too), in the transaction of the job's own transition, so the history never
+    shows an ending that the job row does not. Rows are never updated afterwards.
+    """
+
+    Reason = AttemptReason
+
+    # The (job, attempt) index below serves the job's lookups, so the key needs none.
+    job = models.ForeignKey(
+        ContainerJob, on_delete=models.CASCADE, related_name="attempts", db_index=False
+    )
+    attempt = models.PositiveIntegerField(help_text=_("The job's attempt number; the first is 1."))
+    host = models.ForeignKey(
+        ExecutorHost,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="attempts",
+        help_text=_("Host the attempt ran on; empty: the default Docker host."),
+    )
+    # No database constraint on the values: an ending told apart later (out_of_memory)
+    # must be recordable by code that runs before its migration.
+    reason = models.CharField(max_length=32, choices=AttemptReason.choices)
+    exit_code = models.IntegerField(null=True, blank=True)
+    error = models.TextField(
+        blank=True, help_text=_("What the job's last_error got, secrets masked; empty on success.")
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(help_text=_("By the database's clock."))
+    retried = models.BooleanField(
+        default=False, help_text=_("This ending put the job back in the queue for a retry.")
+    )
+
+    class Meta:
+        ordering = ["attempt", "id"]
+        indexes = [
+            # A job's history, and how the attempt a job's row points at ended (reason
+            # included: PostgreSQL answers that from the index alone).
+            models.Index(fields=["job", "attempt"], name="dcc_attempt_job_idx", include=["reason"]),
+            # The metrics' window: attempts that ended in the last hour or so.
+            models.Index(fields=["ended_at"], name="dcc_attempt_ended_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} attempt {self.attempt}: {self.reason}"
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reason == AttemptReason.EXITED and self.exit_code == 0
+
+    @property
+    def run_time(self) -> timedelta | None:
+        """From the container's start to the attempt's end; None if it never started."""
+        if self.started_at is None:
+            return None
+        return self.ended_at - self.started_at

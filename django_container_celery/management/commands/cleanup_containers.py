@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from ...conf import app_settings
 from ...installation import installation_id
+from ...models import ContainerJob
 from ...queue import Leftover, queue_manager
 
 # Rows are deleted by primary key in batches of this size: each one is a short statement.
@@ -89,7 +90,8 @@ class Command(BaseCommand):
         for start in range(0, len(listed), DELETE_BATCH):
             batch = [pk for pk, _status, _completed in listed[start : start + DELETE_BATCH]]
             # Still filtered as old: a row changed since it was listed stays.
-            deleted += old.filter(pk__in=batch).delete()[0]
+            # Counted as jobs: their attempt rows are deleted with them.
+            deleted += old.filter(pk__in=batch).delete()[1].get(ContainerJob._meta.label, 0)
         self.stdout.write(f"deleted {deleted} job row(s) older than {days} days")
         return deleted
 
