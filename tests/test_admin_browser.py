@@ -17,7 +17,7 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from django_container_celery.models import ContainerJob, ExecutorHost
+from django_container_celery.models import ContainerJob, ExecutorHost, JobAttempt
 from django_container_celery.states import Status
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -299,6 +299,25 @@ def test_a_job_that_recovered_shows_its_old_error_as_history(
         last_error="container exited with code 1 (retry 1 of 3)",
         last_error_at=timezone.now() - timedelta(minutes=20),
     )
+    ended = timezone.now() - timedelta(minutes=20)
+    JobAttempt.objects.create(
+        job=job,
+        attempt=1,
+        reason=JobAttempt.Reason.EXITED,
+        exit_code=1,
+        error="container exited with code 1 (retry 1 of 3)",
+        started_at=ended - timedelta(seconds=12),
+        ended_at=ended,
+        retried=True,
+    )
+    JobAttempt.objects.create(
+        job=job,
+        attempt=2,
+        reason=JobAttempt.Reason.EXITED,
+        exit_code=0,
+        started_at=job.started_at,
+        ended_at=job.completed_at,
+    )
     log_in(
         page,
         live_server,
@@ -311,5 +330,11 @@ def test_a_job_that_recovered_shows_its_old_error_as_history(
     assert "code 1" not in outcome.inner_text()
     history = page.locator("fieldset.dcc-history")
     assert "container exited with code 1" in history.inner_text()
+    assert page.locator(".field-last_error_at").count() == 0
     assert "Was scheduled for" in history.inner_text()
+    attempts = page.locator("table.dcc-attempts tbody tr")
+    assert attempts.count() == 2
+    assert "Exited (1)" in attempts.nth(0).inner_text()
+    assert "retried" in attempts.nth(0).inner_text()
+    assert "Exited (0)" in attempts.nth(1).inner_text()
     assert page.locator(".field-scheduled_for").count() == 0

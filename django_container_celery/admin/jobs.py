@@ -31,7 +31,13 @@ from .job_views import JobViewsAdmin
 from .live import live_panel
 from .logs import LOG_STREAMS, log_preview
 from .operations import OPERATIONS
-from .outcome import current_error, earlier_error, schedule_is_current
+from .outcome import (
+    attempt_rows,
+    attempt_table,
+    current_error,
+    earlier_error,
+    schedule_is_current,
+)
 from .paginator import EstimatedCountPaginator
 
 # Definition fields that only the actions change once the job exists: priority orders the
@@ -179,9 +185,9 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         error, and a running one for its output."""
         fields: list[Any] = [("status_badge", "queue_status_badge")]
         if job.status in states.FINAL or job.status == Status.RETRYING:
-            fields.append(("exit_code_shown", "duration_display", "last_error_at"))
+            fields.append(("exit_code_shown", "duration_display"))
         if current_error(job):
-            fields.append("current_error_shown")
+            fields.append(("current_error_shown", "last_error_at"))
         if job.status in states.WAITING:
             # Asked only of waiting jobs: the answer reads every host's room.
             fields.append("why_waiting")
@@ -191,7 +197,13 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
 
     def _history_fieldsets(self, job: ContainerJob) -> list[tuple[Any, dict[str, Any]]]:
         fields: list[str] = []
-        if earlier_error(job):
+        # Read once here; the field's display uses the rows kept on the job.
+        job._dcc_attempts = attempt_rows(job)  # type: ignore[attr-defined]
+        if job._dcc_attempts:  # type: ignore[attr-defined]
+            fields.append("attempt_history")
+        # The attempts table holds every earlier error; jobs that ended before attempts
+        # were recorded have only the last one.
+        if earlier_error(job) and not job._dcc_attempts:  # type: ignore[attr-defined]
             fields.append("earlier_error_shown")
         if job.scheduled_for is not None and not schedule_is_current(job):
             fields.append("was_scheduled_for")
@@ -212,6 +224,11 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
             _("A later attempt ran after this error (%(when)s); it is not the job's state.")
             % {"when": when(job.last_error_at)},
         )
+
+    @admin.display(description=_("Attempts"))
+    def attempt_history(self, job: ContainerJob) -> SafeString:
+        rows = getattr(job, "_dcc_attempts", None)
+        return attempt_table(job, attempt_rows(job) if rows is None else rows)
 
     @admin.display(description=_("Was scheduled for"))
     def was_scheduled_for(self, job: ContainerJob) -> str:

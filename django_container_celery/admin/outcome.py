@@ -9,11 +9,15 @@ are shown as such, never as the job's present.
 from __future__ import annotations
 
 from django.db.models.functions import Substr
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext_lazy as _
 
 from .. import states
 from ..masking import mask_text
-from ..models import ContainerJob
+from ..models import ContainerJob, JobAttempt
 from ..states import Status
+from .common import when
 
 # An error is the job's present only in these statuses; in any other it is an earlier
 # attempt's (a job retried by hand waits with its old error, a later attempt may run).
@@ -53,3 +57,56 @@ def current_exit_code(job: ContainerJob) -> int | None:
 def schedule_is_current(job: ContainerJob) -> bool:
     """A due time means something only while the job waits for it."""
     return job.status in states.WAITING or job.status == Status.PENDING
+
+
+# A job's page lists at most this many attempts, the latest ones.
+ATTEMPTS_SHOWN = 20
+
+
+def attempt_rows(job: ContainerJob) -> list[JobAttempt]:
+    """The job's latest ended attempts, oldest first; none asked for a job never launched."""
+    if not job.attempt:
+        return []
+    latest = job.attempts.select_related("host").order_by("-attempt", "-id")[:ATTEMPTS_SHOWN]
+    return list(reversed(latest))
+
+
+def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:
+    def ending(row: JobAttempt) -> str:
+        text = row.get_reason_display()
+        if row.exit_code is not None:
+            text += f" ({row.exit_code})"
+        return text + (" → " + str(_("retried")) if row.retried else "")
+
+    def run_time(row: JobAttempt) -> str:
+        took = row.run_time
+        return "-" if took is None else f"{took.total_seconds():.1f} s"
+
+    body = format_html_join(
+        "",
+        '<tr class="{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+        '<td class="dcc-attempt-error">{}</td></tr>',
+        (
+            (
+                "dcc-attempt-ok" if row.succeeded else "dcc-attempt-bad",
+                row.attempt,
+                ending(row),
+                row.host.name if row.host else "-",
+                when(row.ended_at),
+                run_time(row),
+                mask_text(row.error, job.environment),
+            )
+            for row in rows
+        ),
+    )
+    return format_html(
+        '<table class="dcc-attempts"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th>'
+        "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
+        _("Attempt"),
+        _("Ended"),
+        _("Host"),
+        _("At"),
+        _("Ran for"),
+        _("Error"),
+        body,
+    )
