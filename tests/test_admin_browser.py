@@ -284,6 +284,7 @@ def test_a_job_that_recovered_shows_its_old_error_as_history(
 ) -> None:
     page = browser_page
     page.set_viewport_size({"width": 1366, "height": 768})
+    finished = timezone.now() - timedelta(minutes=4)
     job = ContainerJob.objects.create(
         name="flaky-sync",
         docker_image="busybox:latest",
@@ -315,8 +316,8 @@ def test_a_job_that_recovered_shows_its_old_error_as_history(
         attempt=2,
         reason=JobAttempt.Reason.EXITED,
         exit_code=0,
-        started_at=job.started_at,
-        ended_at=job.completed_at,
+        started_at=finished - timedelta(minutes=1),
+        ended_at=finished,
     )
     log_in(
         page,

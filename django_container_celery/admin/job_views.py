@@ -85,6 +85,9 @@ class JobViewsAdmin(JobAdminBase):
     def live_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
+        # A read, and one that asks the daemon: nothing else is answered.
+        if request.method != "GET":
+            return HttpResponseNotAllowed(["GET"])
         job = self.get_object(request, unquote(object_id))
         if job is None:
             raise Http404("No such job.")

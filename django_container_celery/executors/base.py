@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Protocol
@@ -163,6 +164,13 @@ class Executor(abc.ABC):
     def logs(self, name: str, max_bytes: int) -> tuple[str, str]:
         """(stdout, stderr), each cut to its last ``max_bytes`` bytes."""
 
+    def recent_logs(self, name: str, max_bytes: int, timeout: float) -> tuple[str, str]:
+        """(stdout, stderr) for a person watching the container run: like :meth:`logs`,
+        but read while someone waits, so a runtime should give up (raise
+        :class:`ExecutorError`) after about ``timeout`` seconds and may read only the
+        recent end of a long log. The default reads :meth:`logs`."""
+        return self.logs(name, max_bytes)
+
     @abc.abstractmethod
     def stop(self, name: str, timeout: float = 5) -> None:
         """Stop the container (SIGTERM, then SIGKILL after ``timeout``); no error if gone."""
@@ -213,6 +221,11 @@ def decode_log(data: bytes | bytearray | memoryview) -> str:
     return text.replace("\x00", "\\x00")
 
 
+# The first line of a tail read from the recent end of a log only (see LogTail.text), and
+# either first line a tail may open with.
+EARLIER_UNREAD_MARKER = "[... earlier output not read ...]\n"
+CUT_MARKER_RE = re.compile(r"\A\[\.\.\. (?:\d+ bytes truncated|earlier output not read) \.\.\.\]\n")
+
 # Bytes kept ahead of the tail, so that a UTF-8 character split by the cut can be told
 # apart from stray continuation bytes (a character is at most 4 bytes).
 _LOOKBACK = 3
@@ -260,9 +273,13 @@ class LogTail:
         self._buffer += data[room:]
         self._size += len(data)
 
-    def text(self) -> str:
+    def text(self, *, earlier_unread: bool = False) -> str:
         """The tail as stored text (see :func:`decode_log`), behind a line
         ``[... N bytes truncated ...]`` when N bytes before it were dropped.
+
+        ``earlier_unread``: the stream fed was only the recent end of a log, so output
+        before it may exist that no count covers; the tail then follows
+        :data:`EARLIER_UNREAD_MARKER` instead.
 
         Call it once, after the last chunk: it frees the buffer.
         """
@@ -276,6 +293,8 @@ class LogTail:
         # Freed before the marker is joined on, so that the buffer, its text and the
         # joined copy are never all held at once.
         self._buffer, self._size, self._ended = bytearray(), 0, True
+        if earlier_unread:
+            return EARLIER_UNREAD_MARKER + kept
         return f"[... {dropped} bytes truncated ...]\n{kept}" if dropped else kept
 
     def _check_open(self) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import docker
 import docker.errors
@@ -53,6 +56,16 @@ _CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.HTTPError,
     OSError,
 )
+
+# The daemon cuts a log only by entries (a line, or a 16 KiB piece of a longer one), counted
+# over both streams. A read for a person watching asks for 2 * max_bytes /
+# _RECENT_ENTRY_BYTES entries: lines of 64 bytes or more on average fill both byte bounds,
+# and a container that printed gigabytes costs at most that many entries (32 MiB of full
+# entries for 64 KiB tails), never its whole log.
+_RECENT_ENTRY_BYTES = 64
+# Each frame of a log without a TTY: stream (1 stdout, 2 stderr), 3 zero bytes, length.
+_FRAME_HEADER = struct.Struct(">BxxxL")
+_STDOUT, _STDERR = 1, 2
 
 # Docker reports times with nanoseconds; datetime keeps microseconds.
 _TIMESTAMP_RE = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<fraction>\d+))?(?P<zone>Z|[+-]\d\d:?\d\d)?$")
@@ -130,6 +143,8 @@ class DockerExecutor(Executor):
         self._lock = threading.Lock()
         # Containers this executor started itself: a zero exit from their wait is real.
         self._started: set[str] = set()
+        # The client of recent_logs(), with its short timeout; built on first use.
+        self._quick: DockerExecutor | None = None
 
     @classmethod
     def for_host(cls, host: ExecutorHost) -> DockerExecutor:
@@ -205,6 +220,9 @@ class DockerExecutor(Executor):
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
+            quick, self._quick = self._quick, None
+        if quick is not None:
+            quick.close()
         if client is not None:
             # Best effort: the sockets go away with the object anyway.
             with contextlib.suppress(*_CLIENT_ERRORS):
@@ -419,6 +437,79 @@ class DockerExecutor(Executor):
                 with contextlib.suppress(*_CLIENT_ERRORS, AttributeError):
                     stream.close()
         return tail
+
+    def recent_logs(self, name: str, max_bytes: int, timeout: float) -> tuple[str, str]:
+        # Through a client of its own whose connects and reads give up after ``timeout``:
+        # the shared client waits self.timeout (a minute, for slow pulls), which would hold
+        # a person's request that long on a daemon that stopped answering.
+        quick = self._quick_executor(timeout)
+        entries = max(1, 2 * max_bytes // _RECENT_ENTRY_BYTES)
+        try:
+            with quick._translate(f"logs of {name}"):
+                stdout, stderr, frames = quick._read_recent(
+                    name, max_bytes, entries, time.monotonic() + timeout
+                )
+        except _ContainerGone:
+            return "", ""
+        # All the entries asked for came: older ones may exist, and no count covers them.
+        unread = frames >= entries
+        return stdout.text(earlier_unread=unread), stderr.text(earlier_unread=unread)
+
+    def _quick_executor(self, timeout: float) -> DockerExecutor:
+        with self._lock:
+            quick = self._quick
+            if quick is None or quick.timeout != timeout:
+                stale, quick = quick, DockerExecutor(self.base_url, self.tls, timeout)
+                quick._tls_factory = self._tls_factory
+                self._quick = quick
+                if stale is not None:
+                    stale.close()
+            return quick
+
+    def _read_recent(
+        self, name: str, max_bytes: int, entries: int, deadline: float
+    ) -> tuple[LogTail, LogTail, int]:
+        """The tails of both streams from the log's last ``entries`` entries, and how many
+        entries came.
+
+        One request for both streams, told apart by the header of each frame. It is read
+        here rather than by the SDK's stream reader, which turns the socket's timeout off:
+        a daemon that stalled in mid-answer would then hold the read for ever.
+        """
+        api = self.api
+        response = api.get(
+            f"{api.base_url}/v{api.api_version}/containers/{quote(name, safe='')}/logs",
+            params={"stdout": 1, "stderr": 1, "tail": entries},
+            stream=True,
+            timeout=self.timeout,
+        )
+        tails = {_STDOUT: LogTail(max_bytes), _STDERR: LogTail(max_bytes)}
+        frames = 0
+        try:
+            if response.status_code == 404:
+                raise _ContainerGone
+            if response.status_code >= 400:
+                raise ExecutorError(
+                    f"Docker logs of {name} failed: {response.status_code} {response.text[:300]}"
+                )
+            while True:
+                header = response.raw.read(_FRAME_HEADER.size)
+                if not header:
+                    break
+                stream, length = _FRAME_HEADER.unpack(header)
+                data = response.raw.read(length) if length else b""
+                if len(data) < length:
+                    raise ExecutorError(f"Docker logs of {name} ended in mid-entry")
+                if stream in tails:
+                    tails[stream].feed(data)
+                frames += 1
+                if time.monotonic() > deadline:
+                    raise ExecutorError(f"Docker logs of {name} took too long to read")
+        except struct.error as exc:
+            raise ExecutorError(f"Docker logs of {name} ended in mid-entry", original=exc) from exc
+        finally:
+            response.close()
+        return tails[_STDOUT], tails[_STDERR], frames
 
     def stop(self, name: str, timeout: float = 5) -> None:
         with self._translate(f"stop of {name}"):
