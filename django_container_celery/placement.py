@@ -30,7 +30,16 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count, F, FloatField, IntegerField, Q, Sum, Value
+from django.db.models import (
+    Count,
+    F,
+    FilteredRelation,
+    FloatField,
+    IntegerField,
+    Q,
+    Sum,
+    Value,
+)
 from django.db.models.functions import Coalesce
 
 from . import states
@@ -139,19 +148,24 @@ class Reservation:
 
 def host_rooms() -> list[HostRoom]:
     """Every host's room, in one query (inactive hosts have no free slot)."""
+    # The join is limited to the slot-holding jobs (FilteredRelation puts the condition
+    # in its ON clause), so the partial index on them serves it; an aggregate FILTER
+    # instead would join every job each host ever ran, on every claim.
     holding = Q(assigned_jobs__status__in=states.ACTIVE) | Q(assigned_jobs__stop_pending=True)
     default_memory = Value(app_settings.DEFAULT_JOB_MEMORY_MB, output_field=IntegerField())
     default_cpus = Value(float(app_settings.DEFAULT_JOB_CPUS), output_field=FloatField())
+    joined = Q(holding__id__isnull=False)
     rows = (
         ExecutorHost.objects.order_by("pk")
+        .annotate(holding=FilteredRelation("assigned_jobs", condition=holding))
         .annotate(
-            used_slots=Count("assigned_jobs", filter=holding),
-            used_memory=Sum(
-                Coalesce(F("assigned_jobs__memory_limit"), default_memory), filter=holding
-            ),
+            used_slots=Count("holding"),
+            # A host holding nothing still has its one outer-joined row of NULLs, which
+            # the defaults must not count as a job.
+            used_memory=Sum(Coalesce(F("holding__memory_limit"), default_memory), filter=joined),
             used_cpus=Sum(
-                Coalesce(F("assigned_jobs__cpu_limit"), default_cpus),
-                filter=holding,
+                Coalesce(F("holding__cpu_limit"), default_cpus),
+                filter=joined,
                 output_field=FloatField(),
             ),
         )

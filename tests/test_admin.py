@@ -303,6 +303,27 @@ def test_unfiltered_count_comes_from_planner_estimate(
     assert any("COUNT(" in statement.upper() for statement in filtered)
 
 
+def test_a_filtered_list_is_counted_exactly_up_to_a_cap_then_estimated(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(12):
+        make_job(name=f"nightly-{index}" if index < 9 else f"adhoc-{index}")
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {ContainerJob._meta.db_table}")
+    monkeypatch.setattr(EstimatedCountPaginator, "exact_up_to", 5)
+
+    many = admin_client.get(changelist("q=nightly"))
+    # Counting stopped after the cap: the page says "about" and at least the cap plus one.
+    assert many.context["cl"].paginator.count_is_estimate
+    assert many.context["cl"].result_count >= 6
+    assert "about" in many.content.decode()
+    assert len(many.context["cl"].result_list) == 9
+
+    few = admin_client.get(changelist("q=adhoc"))
+    assert not few.context["cl"].paginator.count_is_estimate
+    assert few.context["cl"].result_count == 3
+
+
 def test_small_table_is_counted_exactly(admin_client: Client) -> None:
     make_job()
     sql = changelist_queries(admin_client)

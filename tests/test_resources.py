@@ -259,3 +259,24 @@ def test_dispatch_reads_past_jobs_that_do_not_fit_together() -> None:
     queued(docker_host=a, priority=80)
     on_b = queued(docker_host=b, priority=10)
     assert claims.eligible_ready_ids(2) == [first.pk, on_b.pk]
+
+
+def test_host_rooms_count_only_the_jobs_holding_slots() -> None:
+    idle, busy = host("idle", memory_capacity_mb=1024), host("busy", memory_capacity_mb=1024)
+    ContainerJob.objects.create(
+        docker_image="busybox", assigned_host=busy, status=Status.RUNNING, memory_limit=300
+    )
+    ContainerJob.objects.create(docker_image="busybox", assigned_host=busy, status=Status.RUNNING)
+    for status in (Status.COMPLETED, Status.FAILED):
+        ContainerJob.objects.create(
+            docker_image="busybox", assigned_host=busy, status=status, memory_limit=500
+        )
+    ContainerJob.objects.create(
+        docker_image="busybox", assigned_host=idle, status=Status.COMPLETED, stop_pending=False
+    )
+    rooms = {room.name: room for room in placement.host_rooms()}
+    assert (rooms["idle"].used_slots, rooms["idle"].used_memory_mb) == (0, 0)
+    assert rooms["idle"].used_cpus == 0.0
+    # 300 MiB asked, plus the default for the job that asked nothing; ended jobs count not.
+    assert (rooms["busy"].used_slots, rooms["busy"].used_memory_mb) == (2, 556)
+    assert rooms["busy"].used_cpus == 2.0

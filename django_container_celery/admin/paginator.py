@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib.admin.views.main import ChangeList
@@ -19,15 +20,19 @@ LIST_DEFERRED = ("stdout_log", "stderr_log", "description", "last_error", "comma
 
 
 class EstimatedCountPaginator(Paginator):
-    """Counts an unfiltered large table from the planner's statistics, not a scan.
+    """Counts a large list from the planner's statistics, not a scan.
 
     ``COUNT(*)`` over hundreds of thousands of rows costs a full scan on PostgreSQL, on
-    every page load, for a number an operator reads as "about how many". Filtered lists
-    are counted exactly: their counts are smaller and people act on them.
+    every page load, for a number an operator reads as "about how many". The unfiltered
+    table is counted from its statistics; a filtered list or a search is counted exactly
+    up to ``exact_up_to`` rows (people act on those counts), and past that it reads
+    "about N" with the planner's estimate, so a search matching most jobs stops reading
+    after the first ``exact_up_to``.
     """
 
     # Below this estimated size an exact count is cheap enough.
     estimate_above = 50_000
+    exact_up_to = 50_000
 
     count_is_estimate = False
 
@@ -37,8 +42,15 @@ class EstimatedCountPaginator(Paginator):
         if estimate is not None:
             self.count_is_estimate = True
             return estimate
-        exact: int = super().count
-        return exact
+        queryset = self.object_list
+        if not isinstance(queryset, QuerySet) or connections[queryset.db].vendor != "postgresql":
+            exact: int = super().count
+            return exact
+        capped = queryset.order_by()[: self.exact_up_to + 1].count()
+        if capped <= self.exact_up_to:
+            return capped
+        self.count_is_estimate = True
+        return max(capped, planned_rows(queryset))
 
     def estimated_count(self) -> int | None:
         queryset = self.object_list
@@ -60,6 +72,17 @@ class EstimatedCountPaginator(Paginator):
         if row is None or row[0] is None or row[0] < self.estimate_above:
             return None
         return int(row[0])
+
+
+def planned_rows(queryset: QuerySet[Any]) -> int:
+    """PostgreSQL's estimate of the rows a query returns, from its plan (no execution)."""
+    sql, params = queryset.order_by().values("pk").query.sql_with_params()
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
 
 
 class JobChangeList(ChangeList):
