@@ -116,6 +116,8 @@ def _refuse(job: ContainerJob, reason: str) -> bool:
             last_error_at=now,
             completed_at=now,
             dispatched_at=None,
+            # An earlier attempt's exit code would read as this refusal's outcome.
+            exit_code=None,
         )
     except TransitionConflict:
         return False  # claimed or changed meanwhile: the next pass looks again

@@ -124,11 +124,14 @@ def test_a_job_that_hosts_shrank_under_ends_failed_with_the_reason() -> None:
     small = host(memory_capacity_mb=2048)
     job = queued(memory_limit=1500)
     fits = queued(memory_limit=100)
+    # As a job waiting for a retry has: its earlier attempt's exit code.
+    ContainerJob.objects.filter(pk=job.pk).update(exit_code=3)
     ExecutorHost.objects.filter(pk=small.pk).update(memory_capacity_mb=1024)
     assert dispatch.refuse_unfittable() == 1
     row = ContainerJob.objects.get(pk=job.pk)
     assert row.status == Status.FAILED
     assert "1500 MiB" in row.last_error and "1024 MiB" in row.last_error
+    assert row.exit_code is None
     assert ContainerJob.objects.get(pk=fits.pk).status == Status.QUEUED
 
 

@@ -69,12 +69,12 @@ class JobListAdmin(JobAdminBase):
 
     @admin.display(description=_("Job"), ordering="-created_at")
     def job(self, job: ContainerJob) -> SafeString:
-        title = clip(job.name or str(job.pk)[:8], 28)
+        title = clip(job.name or str(job.pk)[:8], 24)
         return format_html(
             '{}<br><span class="dcc-muted" title="{}">{}</span>',
             title,
             job.docker_image,
-            clip(job.docker_image, 28),
+            clip(job.docker_image, 24),
         )
 
     @admin.display(description=_("Status"), ordering="status")

@@ -197,13 +197,12 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
 
     def _history_fieldsets(self, job: ContainerJob) -> list[tuple[Any, dict[str, Any]]]:
         fields: list[str] = []
-        # Read once here; the field's display uses the rows kept on the job.
-        job._dcc_attempts = attempt_rows(job)  # type: ignore[attr-defined]
-        if job._dcc_attempts:  # type: ignore[attr-defined]
+        attempts = attempt_rows(job)
+        if attempts:
             fields.append("attempt_history")
         # The attempts table holds every earlier error; jobs that ended before attempts
         # were recorded have only the last one.
-        if earlier_error(job) and not job._dcc_attempts:  # type: ignore[attr-defined]
+        if earlier_error(job) and not attempts:
             fields.append("earlier_error_shown")
         if job.scheduled_for is not None and not schedule_is_current(job):
             fields.append("was_scheduled_for")
@@ -221,14 +220,16 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         return format_html(
             '<pre class="dcc-error-text dcc-earlier">{}</pre><p class="dcc-muted">{}</p>',
             earlier_error(job),
-            _("A later attempt ran after this error (%(when)s); it is not the job's state.")
-            % {"when": when(job.last_error_at)},
+            _(
+                "Recorded %(when)s; the job has moved on since (it is %(status)s), so this "
+                "is not its state."
+            )
+            % {"when": when(job.last_error_at), "status": job.get_status_display().lower()},
         )
 
     @admin.display(description=_("Attempts"))
     def attempt_history(self, job: ContainerJob) -> SafeString:
-        rows = getattr(job, "_dcc_attempts", None)
-        return attempt_table(job, attempt_rows(job) if rows is None else rows)
+        return attempt_table(job, attempt_rows(job))
 
     @admin.display(description=_("Was scheduled for"))
     def was_scheduled_for(self, job: ContainerJob) -> str:

@@ -14,14 +14,15 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
 from .. import states
-from ..masking import mask_text
+from ..masking import MASK, MIN_MASKED_LENGTH, mask_text, secret_values
 from ..models import ContainerJob, JobAttempt
 from ..states import Status
 from .common import when
 
 # An error is the job's present only in these statuses; in any other it is an earlier
-# attempt's (a job retried by hand waits with its old error, a later attempt may run).
-ERROR_IS_CURRENT = frozenset({Status.FAILED, Status.RETRYING, Status.CANCELLED})
+# attempt's (a job retried by hand waits with its old error, a later attempt may run). A
+# cancel writes no error, so a cancelled job's error is an earlier attempt's too.
+ERROR_IS_CURRENT = frozenset({Status.FAILED, Status.RETRYING})
 # An exit code is the job's present once its last attempt ended.
 EXIT_IS_CURRENT = frozenset({Status.COMPLETED, Status.FAILED, Status.RETRYING})
 
@@ -32,8 +33,19 @@ ERROR_HEAD = Substr("last_error", 1, ERROR_HEAD_CHARS)
 
 
 def masked_error(job: ContainerJob, text: str | None = None) -> str:
-    """The job's error (or ``text``, a part of it) with its secrets masked."""
-    return mask_text(job.last_error if text is None else text, job.environment)
+    """The job's error (or ``text``, its head) with its secrets masked."""
+    if text is None:
+        return mask_text(job.last_error, job.environment)
+    masked = mask_text(text, job.environment)
+    if len(text) < ERROR_HEAD_CHARS:
+        return masked
+    # A head cut inside a secret ends with the secret's beginning, which masking whole
+    # values cannot find.
+    for secret in secret_values(job.environment):
+        for length in range(len(secret) - 1, MIN_MASKED_LENGTH - 1, -1):
+            if masked.endswith(secret[:length]):
+                return masked[:-length] + MASK
+    return masked
 
 
 def current_error(job: ContainerJob, text: str | None = None) -> str:
@@ -64,11 +76,19 @@ ATTEMPTS_SHOWN = 20
 
 
 def attempt_rows(job: ContainerJob) -> list[JobAttempt]:
-    """The job's latest ended attempts, oldest first; none asked for a job never launched."""
+    """The job's latest ended attempts, oldest first; none asked for a job never launched.
+
+    Kept on the job: Django asks for a page's fieldsets several times per request.
+    """
+    kept: list[JobAttempt] | None = getattr(job, "_dcc_attempts", None)
+    if kept is not None:
+        return kept
     if not job.attempt:
         return []
     latest = job.attempts.select_related("host").order_by("-attempt", "-id")[:ATTEMPTS_SHOWN]
-    return list(reversed(latest))
+    rows = list(reversed(latest))
+    job._dcc_attempts = rows  # type: ignore[attr-defined]
+    return rows
 
 
 def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:

@@ -87,5 +87,20 @@ def planned_rows(queryset: QuerySet[Any]) -> int:
 
 class JobChangeList(ChangeList):
     def get_queryset(self, request: HttpRequest, *args: Any, **kwargs: Any) -> QuerySet[Any]:
-        queryset = super().get_queryset(request, *args, **kwargs).defer(*LIST_DEFERRED)
-        return queryset.annotate(error_head=ERROR_HEAD)
+        return super().get_queryset(request, *args, **kwargs).defer(*LIST_DEFERRED)
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        # The head of each error is read for the page's rows only, in one more query: as
+        # a column of the list's own query it would be computed, and its TOASTed text
+        # read, for every row a sorted page sorts, not only for the hundred shown.
+        rows = list(self.result_list)
+        heads = dict(
+            self.model._default_manager.filter(pk__in=[row.pk for row in rows])
+            .order_by()
+            .annotate(head=ERROR_HEAD)
+            .values_list("pk", "head")
+        )
+        for row in rows:
+            row.error_head = heads.get(row.pk, "")
+        self.result_list = rows
