@@ -63,11 +63,13 @@ def leads(proc: Proc) -> bool:
 
 
 def watch_lock_holders() -> set[int]:
-    """Backend pids holding the default host's leadership lock."""
+    """Backend pids holding the default host's leadership lock in this database (another
+    test run on the same server holds its own)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND objsubid = 2 AND classid::bigint = %s AND objid::bigint = 0",
+            "AND objsubid = 2 AND classid::bigint = %s AND objid::bigint = 0 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             [WATCH_LOCK_CLASS],
         )
         return {int(row[0]) for row in cursor.fetchall()}

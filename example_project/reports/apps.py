@@ -1,3 +1,4 @@
+import django
 from django.apps import AppConfig
 from django.db.backends.signals import connection_created
 
@@ -8,6 +9,14 @@ def _sqlite_wal(sender: object, connection: object, **kwargs: object) -> None:
     if getattr(connection, "vendor", "") == "sqlite":
         with connection.cursor() as cursor:  # type: ignore[attr-defined]
             cursor.execute("PRAGMA journal_mode=WAL")
+        if django.VERSION < (5, 1):
+            # Before 5.1 there is no OPTIONS["transaction_mode"] (see settings.py): begin
+            # every transaction IMMEDIATE by hand, or one that reads, then writes fails at
+            # once with "database is locked" while another process writes.
+            def begin_immediate() -> None:
+                connection.cursor().execute("BEGIN IMMEDIATE")  # type: ignore[attr-defined]
+
+            connection._start_transaction_under_autocommit = begin_immediate  # type: ignore[attr-defined]
 
 
 class ReportsConfig(AppConfig):
