@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from . import states
 from .conf import app_settings
@@ -73,8 +73,8 @@ def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[s
     """Write the job's transition and, when an attempt was under way, its history row, in
     one transaction: when the transition raises (TransitionConflict), neither is written.
 
-    The history row goes first, so that a failure to write it leaves the instance as it
-    was, like the row.
+    The history row goes first, in its own savepoint: a failure to write it is logged
+    and the job still ends.
     """
     with transaction.atomic():
         ended = _attempt_in_progress(job)
@@ -124,18 +124,25 @@ def _write_attempt(
     if ended is None:
         return
     exited = ending.kind in (End.EXITED, End.TIMED_OUT)
-    JobAttempt.objects.create(
-        job_id=job.pk,
-        attempt=ended["attempt"],
-        host_id=ended["assigned_host_id"],
-        reason=ending.kind.value,
-        exit_code=fields.get("exit_code", ending.exit_code) if exited else None,
-        error=mask_text(error, job.environment) if error else "",
-        claimed_at=ended["claimed_at"],
-        started_at=ended["started_at"],
-        ended_at=database_now(),
-        retried=retried,
-    )
+    try:
+        # In a savepoint: the history is a record of the job, never a condition of ending
+        # it. A row that cannot be written (a missing grant, a full disk for that table)
+        # must not keep a job running and holding its slot forever.
+        with transaction.atomic():
+            JobAttempt.objects.create(
+                job_id=job.pk,
+                attempt=ended["attempt"],
+                host_id=ended["assigned_host_id"],
+                reason=ending.kind.value,
+                exit_code=fields.get("exit_code", ending.exit_code) if exited else None,
+                error=mask_text(error, job.environment) if error else "",
+                claimed_at=ended["claimed_at"],
+                started_at=ended["started_at"],
+                ended_at=database_now(),
+                retried=retried,
+            )
+    except DatabaseError:
+        logger.exception("job %s: attempt %s ended unrecorded in its history", job.pk, job.attempt)
 
 
 def _cancel_fields(fields: dict[str, Any]) -> dict[str, Any]:

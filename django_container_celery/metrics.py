@@ -211,7 +211,7 @@ def read_snapshot(window_seconds: float = DEFAULT_WINDOW_SECONDS) -> Snapshot:
     _read_finished_jobs(snapshot, since)
     _read_hosts(snapshot)
     _read_attempts(snapshot, since)
-    _read_failed_jobs(snapshot)
+    _read_failed_jobs(snapshot, since)
     return snapshot
 
 
@@ -343,14 +343,15 @@ def _read_attempts(snapshot: Snapshot, since: datetime) -> None:
     snapshot.run_duration.add(row, "ran")
 
 
-def _read_failed_jobs(snapshot: Snapshot) -> None:
-    """Failed jobs by the reason of the attempt each points at (its last): one probe of
-    the attempts' (job, attempt) index per failed job, both sides read from indexes."""
+def _read_failed_jobs(snapshot: Snapshot, since: datetime) -> None:
+    """Jobs that failed inside the window by the reason of the attempt each points at (its
+    last): the (status, completed_at) index bounds them by the window, however many
+    failed jobs are kept, then one probe of the attempts' (job, attempt) index each."""
     last_reason = JobAttempt.objects.filter(
         job=OuterRef("pk"), attempt=OuterRef("attempt")
     ).order_by()
     rows = (
-        ContainerJob.objects.filter(status=Status.FAILED)
+        ContainerJob.objects.filter(status=Status.FAILED, completed_at__gte=since)
         .annotate(
             last_reason=Coalesce(
                 Subquery(last_reason.values("reason")[:1]),
@@ -462,8 +463,8 @@ def _queue_families(snapshot: Snapshot) -> Iterator[Metric]:
     )
     failed = GaugeMetricFamily(
         "dcc_failed_jobs",
-        "Jobs now failed, by how their last attempt ended ('none': failed without an "
-        "attempt, e.g. refused as bigger than every host).",
+        "Jobs that failed inside the window, by how their last attempt ended ('none': "
+        "failed without an attempt, e.g. refused as bigger than every host).",
         labels=["reason"],
     )
     for reason in FAILED_JOB_REASONS:

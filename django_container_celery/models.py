@@ -421,13 +421,6 @@ class ContainerJob(models.Model):
                 name="dcc_launch_failed_idx",
                 condition=Q(status=Status.FAILED, launched_at__isnull=True),
             ),
-            # Serves the metrics' count of failed jobs by how their last attempt ended: the
-            # failed jobs' attempt numbers read from the index alone, never from the table.
-            models.Index(
-                fields=["id", "attempt"],
-                name="dcc_failed_attempt_idx",
-                condition=Q(status=Status.FAILED),
-            ),
         ]
         permissions = [
             ("queue_containerjob", "Can queue, dequeue and retry container jobs"),
@@ -926,9 +919,8 @@ class JobAttempt(models.Model):
     class Meta:
         ordering = ["attempt", "id"]
         indexes = [
-            # A job's history, and how the attempt a job's row points at ended (reason
-            # included: PostgreSQL answers that from the index alone).
-            models.Index(fields=["job", "attempt"], name="dcc_attempt_job_idx", include=["reason"]),
+            # A job's history, and how the attempt a job's row points at ended.
+            models.Index(fields=["job", "attempt"], name="dcc_attempt_job_idx"),
             # The metrics' window: attempts that ended in the last hour or so.
             models.Index(fields=["ended_at"], name="dcc_attempt_ended_idx"),
         ]

@@ -391,7 +391,9 @@ class JobQueueManager:
     def cleanup_old_jobs(self, days: int | None = None) -> int:
         """Delete :meth:`old_jobs`; return how many jobs were deleted (their attempt rows
         go with them and are not counted)."""
-        _total, by_model = self.old_jobs(days).delete()
+        # Only the keys are loaded to cascade to the attempt rows: the jobs' logs would
+        # otherwise be read into memory, a whole backlog of them at once.
+        _total, by_model = self.old_jobs(days).only("pk").delete()
         return by_model.get(ContainerJob._meta.label, 0)
 
 

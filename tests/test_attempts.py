@@ -10,6 +10,8 @@ from typing import Any
 
 import docker.errors
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from django_container_celery import claims
@@ -235,5 +237,29 @@ def test_cleanup_counts_jobs_not_their_attempt_rows(
     assert qm.harvest_finished_jobs() == 1
     ContainerJob.objects.filter(pk=job.pk).update(completed_at=timezone.now() - timedelta(days=400))
     assert len(attempts(job)) == 1
-    assert qm.cleanup_old_jobs(days=30) == 1
+    with CaptureQueriesContext(connection) as captured:
+        assert qm.cleanup_old_jobs(days=30) == 1
     assert not JobAttempt.objects.filter(job_id=job.pk).exists()
+    # The cascade loads the jobs' keys, never their logs.
+    assert not any('"stdout_log"' in query["sql"] for query in captured.captured_queries)
+
+
+def test_a_history_that_cannot_be_written_never_keeps_a_job_running(
+    qm: JobQueueManager, mem: MemoryExecutor
+) -> None:
+    job = running(qm, mem)
+    table = JobAttempt._meta.db_table
+    with connection.cursor() as cursor:
+        # Fault injected in the database itself: every insert into the history fails.
+        cursor.execute(
+            "CREATE FUNCTION dcc_refuse_history() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'history refused'; END $$"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER dcc_refuse_history BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION dcc_refuse_history()"
+        )
+    mem.finish(job.container_name, 0)
+    assert qm.harvest_finished_jobs() == 1
+    assert ContainerJob.objects.get(pk=job.pk).status == Status.COMPLETED
+    assert attempts(job) == []

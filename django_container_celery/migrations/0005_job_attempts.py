@@ -28,10 +28,6 @@ class Migration(migrations.Migration):
             field=models.PositiveIntegerField(default=0, help_text='How many times a worker took the job over from an owner whose lease expired (a rescue).'),
         ),
         migrations.RunPython(keep_takeover_default_in_database, migrations.RunPython.noop),
-        migrations.AddIndex(
-            model_name='containerjob',
-            index=models.Index(condition=models.Q(('status', 'failed')), fields=['id', 'attempt'], name='dcc_failed_attempt_idx'),
-        ),
         migrations.CreateModel(
             name='JobAttempt',
             fields=[
@@ -49,7 +45,25 @@ class Migration(migrations.Migration):
             ],
             options={
                 'ordering': ['attempt', 'id'],
-                'indexes': [models.Index(fields=['job', 'attempt'], include=('reason',), name='dcc_attempt_job_idx'), models.Index(fields=['ended_at'], name='dcc_attempt_ended_idx')],
+                'indexes': [models.Index(fields=['job', 'attempt'], name='dcc_attempt_job_idx'), models.Index(fields=['ended_at'], name='dcc_attempt_ended_idx')],
             },
+        ),
+        # The dashboard's: the waiting jobs by when they became due, and the jobs that
+        # failed before their container started.
+        migrations.AddIndex(
+            model_name="containerjob",
+            index=models.Index(
+                condition=models.Q(("status__in", ["queued", "retrying"])),
+                fields=["queued_at", "scheduled_for"],
+                name="dcc_waiting_since_idx",
+            ),
+        ),
+        migrations.AddIndex(
+            model_name="containerjob",
+            index=models.Index(
+                condition=models.Q(("launched_at__isnull", True), ("status", "failed")),
+                fields=["created_at"],
+                name="dcc_launch_failed_idx",
+            ),
         ),
     ]

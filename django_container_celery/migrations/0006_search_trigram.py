@@ -1,19 +1,18 @@
-"""Indexes for the admin at hundreds of thousands of jobs: its search and its dashboard.
+"""Indexes for the admin's search at hundreds of thousands of jobs.
 
-* Two partial B-tree indexes the model declares: the waiting jobs by ``queued_at`` (the
-  dashboard's oldest waiting job and its ready/scheduled counts) and the jobs that failed
-  before their container started.
-* On PostgreSQL with the ``pg_trgm`` extension, three GIN trigram indexes that serve the
-  job list's search, a case-insensitive "contains" on name, image and command. They are
-  not in the model's state: they exist only where the database supports them, so
-  ``makemigrations`` knows nothing of them and other databases get none. Where the
-  extension cannot be had, the migration logs why and goes on: the search still works,
-  by reading the table.
+On PostgreSQL with the ``pg_trgm`` extension, three GIN trigram indexes serve the job
+list's search, a case-insensitive "contains" on name, image and command. They are not in
+the model's state: they exist only where the database supports them, so
+``makemigrations`` knows nothing of them and other databases get none. Where the
+extension cannot be had, the migration logs why and goes on: the search still works, by
+reading the table.
 
 The migration is not atomic so that the trigram indexes are built ``CONCURRENTLY`` on a
 live table: workers keep writing jobs while an index that can take minutes on a large
 table is built (a plain ``CREATE INDEX`` would block every claim and status change until
-it finishes). The two B-tree indexes are partial, over few rows, and quick either way.
+it finishes). It holds nothing else, so that a build interrupted half way (a lock
+timeout: ``CONCURRENTLY`` waits for every older transaction) can simply be run again;
+the dashboard's B-tree indexes are in 0005, which is atomic.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.db import DatabaseError, migrations, models, transaction
+from django.db import DatabaseError, migrations, transaction
 
 logger = logging.getLogger("django_container_celery.migrations")
 
@@ -133,21 +132,5 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        migrations.AddIndex(
-            model_name="containerjob",
-            index=models.Index(
-                condition=models.Q(("status__in", ["queued", "retrying"])),
-                fields=["queued_at", "scheduled_for"],
-                name="dcc_waiting_since_idx",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="containerjob",
-            index=models.Index(
-                condition=models.Q(("launched_at__isnull", True), ("status", "failed")),
-                fields=["created_at"],
-                name="dcc_launch_failed_idx",
-            ),
-        ),
         migrations.RunPython(add_trigram_indexes, remove_trigram_indexes, atomic=False),
     ]

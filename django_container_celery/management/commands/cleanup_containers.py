@@ -91,7 +91,9 @@ class Command(BaseCommand):
             batch = [pk for pk, _status, _completed in listed[start : start + DELETE_BATCH]]
             # Still filtered as old: a row changed since it was listed stays.
             # Counted as jobs: their attempt rows are deleted with them.
-            deleted += old.filter(pk__in=batch).delete()[1].get(ContainerJob._meta.label, 0)
+            # Keys only: cascading to the attempt rows must not read the jobs' logs.
+            gone = old.filter(pk__in=batch).only("pk").delete()[1]
+            deleted += gone.get(ContainerJob._meta.label, 0)
         self.stdout.write(f"deleted {deleted} job row(s) older than {days} days")
         return deleted
 
