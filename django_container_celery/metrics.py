@@ -598,7 +598,11 @@ class MetricsView(View):
             )
         # Fails here, when urls.py is loaded, rather than at the first scrape.
         ContainerJobCollector(initkwargs.get("window_seconds", cls.window_seconds))
-        return super().as_view(**initkwargs)
+        view = super().as_view(**initkwargs)
+        # The view decides who may read it (a scraper has a token, not a session), so a
+        # project's LoginRequiredMiddleware (Django 5.1+) must not send it to a login page.
+        view.login_required = False  # type: ignore[attr-defined]
+        return view
 
     def get(self, request: HttpRequest) -> HttpResponse:
         if not self.allowed(request):

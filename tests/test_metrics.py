@@ -18,6 +18,7 @@ from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils.module_loading import import_string
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,7 @@ from django_container_celery.metrics import (
     RUN_DURATION_BUCKETS,
     ContainerJobCollector,
     MetricsView,
+    metrics_view,
     read_snapshot,
 )
 from django_container_celery.models import ContainerJob, ExecutorHost, JobAttempt, database_now
@@ -469,6 +471,23 @@ def test_a_scraper_with_the_bearer_token_is_served(django_user_model: Any) -> No
     # Staff users still get in without it.
     staff = staff_client(django_user_model, "view_containerjob")
     assert staff.get("/metrics/scraper/").status_code == 200
+
+
+def test_a_project_that_requires_login_everywhere_still_lets_the_scraper_in(
+    settings: Any,
+) -> None:
+    # Django 5.1+ can require a login for every view; the metrics view decides itself.
+    assert getattr(metrics_view, "login_required", True) is False
+    middleware = "django.contrib.auth.middleware.LoginRequiredMiddleware"
+    try:
+        import_string(middleware)
+    except ImportError:
+        return  # Django before 5.1 has no such middleware: nothing else to hold
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, middleware]
+    scraper = Client()
+    good = scraper.get("/metrics/scraper/", HTTP_AUTHORIZATION=f"Bearer {METRICS_TEST_TOKEN}")
+    assert good.status_code == 200
+    assert scraper.get("/metrics/scraper/").status_code == 403
 
 
 def test_a_short_token_is_refused_when_urls_load() -> None:
