@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.conf import settings
 
 from . import celery_app  # noqa: F401 - makes the test app current for send_task
+
+if TYPE_CHECKING:
+    from django_container_celery.executors.memory import MemoryExecutor
+    from django_container_celery.queue import JobQueueManager
 
 # The plugin the package ships for its users' tests; the suite's fast tests use it too.
 pytest_plugins = ["django_container_celery.testing"]
@@ -75,3 +79,19 @@ def broker_url() -> str:
             pytrace=False,
         )
     return url
+
+
+@pytest.fixture
+def mem() -> MemoryExecutor:
+    """The in-memory executor, for tests of the engine that need no real container."""
+    from django_container_celery.executors.memory import MemoryExecutor
+
+    return MemoryExecutor()
+
+
+@pytest.fixture
+def qm(mem: MemoryExecutor) -> JobQueueManager:
+    """A queue manager whose every host is ``mem``."""
+    from django_container_celery.queue import JobQueueManager
+
+    return JobQueueManager(executor_factory=lambda host: mem, worker_id="test-worker")

@@ -22,16 +22,6 @@ from django_container_celery.states import Status
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def mem() -> MemoryExecutor:
-    return MemoryExecutor()
-
-
-@pytest.fixture
-def qm(mem: MemoryExecutor) -> JobQueueManager:
-    return JobQueueManager(executor_factory=lambda host: mem, worker_id="test-worker")
-
-
 def queued(priority: int = 50, **fields: Any) -> ContainerJob:
     fields.setdefault("docker_image", "busybox:latest")
     fields.setdefault("command", "echo hi")
