@@ -7,9 +7,11 @@ admin's live URL, cancelled (and its container removed) at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import socketserver
 import struct
 import tempfile
@@ -174,9 +176,103 @@ def test_a_job_printing_more_than_the_bound_gets_its_last_bytes_only(
         assert text.startswith(EARLIER_OUTPUT)
         body = text[len(EARLIER_OUTPUT) :]
         assert len(body.encode()) <= LIVE_TAIL_BYTES
-        assert len(body.encode()) > LIVE_TAIL_BYTES - 200  # the bound is used, not undershot
         assert body.endswith(f"{prefix}-3000 {pad}\n")
+        # The recent end of the stream, nothing left out in it: the whole lines after the
+        # cut one run without a gap up to the last. (How many there are depends on how the
+        # daemon's entries of the two streams interleave, which nothing promises.)
+        lines = [int(n) for n in re.findall(rf"^{prefix}-(\d+) {pad}$", body, re.MULTILINE)]
+        assert lines == list(range(3001 - len(lines), 3001))
         assert f"{prefix}-1 {pad}\n" not in body
+
+
+@pytest.mark.parametrize(
+    ("pad", "read_whole"),
+    [
+        # The whole log is smaller than the bound: read whole, nothing is marked as cut.
+        ("", True),
+        # About 500 KB of stdout after the stderr line: stdout fills its bound long before
+        # the window reaches that line, and stderr is then read alone.
+        ("x" * 90, False),
+    ],
+    ids=["short-lines", "long-stdout"],
+)
+def test_a_stream_that_printed_long_before_the_other_is_not_starved(
+    start_job: Callable[..., ContainerJob], django_user_model: Any, pad: str, read_whole: bool
+) -> None:
+    job = start_job(
+        'sh -c \'echo "FATAL: something broke" >&2;'
+        f' for i in $(seq 1 5000); do echo "out-$i {pad}"; done; sleep 60\''
+    )
+    viewer = staff_client(django_user_model, "view_containerjob")
+
+    answer = read_until(viewer, job, lambda a: f"out-5000 {pad}\n" in a["stdout"], 20)
+    assert answer["error"] == ""
+    assert answer["stdout"].endswith(f"out-5000 {pad}\n")
+    if read_whole:
+        assert answer["truncated"] == {"stdout": False, "stderr": False}
+        assert answer["stderr"] == "FATAL: something broke\n"
+        assert answer["stdout"].startswith(f"out-1 {pad}\n")
+    else:
+        # What came before the window read for stderr alone is unknown, so it is marked.
+        assert answer["truncated"] == {"stdout": True, "stderr": True}
+        assert answer["stderr"] == EARLIER_OUTPUT + "FATAL: something broke\n"
+        assert len(answer["stdout"][len(EARLIER_OUTPUT) :].encode()) <= LIVE_TAIL_BYTES
+
+
+class CountingProxy(DockerProxy):
+    """The test proxy, also counting the bytes the daemon sends back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = 0
+        self._count_lock = threading.Lock()
+
+    def _pump(self, source: socket.socket, target: socket.socket, requests: bool) -> None:
+        if requests:
+            super()._pump(source, target, requests)
+            return
+        try:
+            while data := source.recv(65536):
+                with self._count_lock:
+                    self.received += len(data)
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+
+def test_very_long_lines_cost_a_read_a_few_times_the_bound_not_the_whole_log(
+    start_job: Callable[..., ContainerJob], django_user_model: Any
+) -> None:
+    # 300 lines of 30 KB (9 MB; the daemon keeps each as two entries), then a short one.
+    long = "y" * 30_000
+    proxy = CountingProxy()
+    with proxy:
+        host = ExecutorHost.objects.create(name="long-lines", connection_string=proxy.url)
+        job = start_job(
+            'sh -c \'l=$(head -c 30000 /dev/zero | tr "\\0" y);'
+            ' for i in $(seq 1 300); do echo "$i $l"; done; echo last-line; sleep 60\'',
+            docker_host=host,
+        )
+        viewer = staff_client(django_user_model, "view_containerjob")
+        read_until(viewer, job, lambda a: a["stdout"].endswith("last-line\n"), 30)
+
+        before = proxy.received
+        answer = read_live(viewer, job)
+        received = proxy.received - before
+        job.cancel()
+
+    assert answer["error"] == "" and answer["truncated"]["stdout"] is True
+    body = answer["stdout"][len(EARLIER_OUTPUT) :]
+    assert answer["stdout"].startswith(EARLIER_OUTPUT)
+    assert len(body.encode()) <= LIVE_TAIL_BYTES
+    assert body.endswith(f"\n300 {long}\nlast-line\n")
+    # Nothing was printed on stderr; how far back the read went for it is not known.
+    assert answer["stderr"] in ("", EARLIER_OUTPUT)
+    # A few times the bound (the read's budget is 8 times it), not the 9 MB printed.
+    assert received < 10 * LIVE_TAIL_BYTES, received
 
 
 def test_a_daemon_that_does_not_answer_gives_an_error_not_a_hung_request(

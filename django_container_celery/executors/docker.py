@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote
 
 import docker
@@ -57,12 +57,31 @@ _CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-# The daemon cuts a log only by entries (a line, or a 16 KiB piece of a longer one), counted
-# over both streams. A read for a person watching asks for 2 * max_bytes /
-# _RECENT_ENTRY_BYTES entries: lines of 64 bytes or more on average fill both byte bounds,
-# and a container that printed gigabytes costs at most that many entries (32 MiB of full
-# entries for 64 KiB tails), never its whole log.
-_RECENT_ENTRY_BYTES = 64
+# A read for a person watching (recent_logs) asks the daemon for the log's last entries,
+# in a few requests whose window (the number of entries asked for) grows until each stream
+# holds max_bytes. The daemon can only cut a log by entries (a line, or a piece of at most
+# _ENTRY_MAX_BYTES of a longer one), and counts the entries of both streams even when it is
+# asked for one stream only: such a request still makes it decode every entry of its window.
+#
+# The first window. Its answer costs at most 16 entries of 16 KiB whatever the container
+# printed, and a log this short is read whole in one request.
+_FIRST_WINDOW = 16
+_ENTRY_MAX_BYTES = 16 * 1024
+# A window grows at most this many times per request: the factor used when the last answer
+# held nothing of a stream, so that no estimate of its bytes per entry exists.
+_MAX_GROWTH = 16
+# Bytes one read may receive in all, in multiples of max_bytes. The request that fills a
+# stream asks for about a quarter more than max_bytes of it, those before it for less, and
+# lines of uneven length may take one more: two streams need a few times max_bytes. A page
+# polls every couple of seconds for as long as it is open, so a read stops there whatever
+# the container printed; a stream not full by then keeps the last complete answer's tail.
+_RECEIVE_BUDGET = 8
+# Bytes the daemon may go through for one request for a single stream, in multiples of
+# max_bytes (estimated from the bytes per entry seen so far, plus _ENTRY_OVERHEAD for what
+# the daemon stores with each entry): 4 MiB for 64 KiB tails, a fraction of a second of a
+# daemon's time, which is what a stream printed long before the other one may cost.
+_SCAN_BUDGET = 64
+_ENTRY_OVERHEAD = 100
 # Each frame of a log without a TTY: stream (1 stdout, 2 stderr), 3 zero bytes, length.
 _FRAME_HEADER = struct.Struct(">BxxxL")
 _STDOUT, _STDERR = 1, 2
@@ -443,17 +462,15 @@ class DockerExecutor(Executor):
         # the shared client waits self.timeout (a minute, for slow pulls), which would hold
         # a person's request that long on a daemon that stopped answering.
         quick = self._quick_executor(timeout)
-        entries = max(1, 2 * max_bytes // _RECENT_ENTRY_BYTES)
         try:
             with quick._translate(f"logs of {name}"):
-                stdout, stderr, frames = quick._read_recent(
-                    name, max_bytes, entries, time.monotonic() + timeout
-                )
+                stdout, stderr = quick._read_recent(name, max_bytes, time.monotonic() + timeout)
         except _ContainerGone:
             return "", ""
-        # All the entries asked for came: older ones may exist, and no count covers them.
-        unread = frames >= entries
-        return stdout.text(earlier_unread=unread), stderr.text(earlier_unread=unread)
+        # A tail not known to start at the log's start follows the marker of earlier output
+        # not read: no count covers what came before the window.
+        out = stdout.tail.text(earlier_unread=not stdout.whole)
+        return out, stderr.tail.text(earlier_unread=not stderr.whole)
 
     def _quick_executor(self, timeout: float) -> DockerExecutor:
         with self._lock:
@@ -467,24 +484,100 @@ class DockerExecutor(Executor):
             return quick
 
     def _read_recent(
-        self, name: str, max_bytes: int, entries: int, deadline: float
-    ) -> tuple[LogTail, LogTail, int]:
-        """The tails of both streams from the log's last ``entries`` entries, and how many
-        entries came.
+        self, name: str, max_bytes: int, deadline: float
+    ) -> tuple[_StreamRead, _StreamRead]:
+        """The tails of stdout and stderr from the recent end of the log, each holding
+        ``max_bytes`` when the log has that much, within the read's byte budget and
+        ``deadline``.
 
-        One request for both streams, told apart by the header of each frame. It is read
-        here rather than by the SDK's stream reader, which turns the socket's timeout off:
-        a daemon that stalled in mid-answer would then hold the read for ever.
+        Windows grow only while a stream lacks bytes and the log may hold more. A request
+        for both streams shows whether the window held the whole log (fewer entries came
+        than were asked for). Once one stream is full, the other is asked for alone, unless
+        both fit in what is left of the budget: its answer then carries none of the full
+        stream's bytes, but cannot tell whether the window held the whole log, so that
+        stream keeps the marker of earlier output not read.
         """
+        both = (_STDOUT, _STDERR)
+        budget = max(
+            _RECEIVE_BUDGET * max_bytes,
+            _FIRST_WINDOW * (_ENTRY_MAX_BYTES + _FRAME_HEADER.size),
+        )
+        scan_limit = _SCAN_BUDGET * max(max_bytes, _ENTRY_MAX_BYTES)
+        window = _FIRST_WINDOW
+        try:
+            first = self._read_window(name, both, window, max_bytes, deadline, budget)
+        except _ReadCut as exc:
+            raise ExecutorError(f"Docker logs of {name} {exc}") from exc
+        best = first.reads
+        spent = first.received
+        # Bytes per entry of the log, both streams together, as the last answer for both
+        # showed them.
+        entry_bytes = first.received / max(1, first.frames)
+        while True:
+            wanted = [s for s in both if not best[s].whole and best[s].tail.seen < max_bytes]
+            if not wanted:
+                break
+            last = window
+            # The stream closest to full sets the pace: one with nothing in the window would
+            # make it grow by the most, and the other's bytes with it. Once the first is
+            # full, the other is asked for alone, at no cost in bytes for the full one.
+            window = min(_next_window(last, best[s].tail.seen, max_bytes) for s in wanted)
+            together = len(wanted) == len(both) or window * entry_bytes <= budget - spent
+            if not together:
+                # Never further back than the daemon may go through for one stream.
+                window = min(window, int(scan_limit // (entry_bytes + _ENTRY_OVERHEAD)))
+                if window <= last:
+                    break
+            asked = both if together else tuple(wanted)
+            try:
+                got = self._read_window(name, asked, window, max_bytes, deadline, budget - spent)
+            except _ReadCut:
+                break
+            except _CLIENT_ERRORS as exc:
+                # Each wait was given the time left: a timeout is the deadline passing, and
+                # the last complete answer stands. Any other failure is the daemon's.
+                if not (_is_read_timeout(exc) or isinstance(exc, requests.exceptions.Timeout)):
+                    raise
+                break
+            spent += got.received
+            best.update(got.reads)
+            if together:
+                entry_bytes = got.received / max(1, got.frames)
+        return best[_STDOUT], best[_STDERR]
+
+    def _read_window(
+        self,
+        name: str,
+        streams: tuple[int, ...],
+        window: int,
+        max_bytes: int,
+        deadline: float,
+        budget: int,
+    ) -> _Window:
+        """The tails of ``streams`` from the log's last ``window`` entries.
+
+        Raises :class:`_ReadCut` once the answer exceeds ``budget`` bytes or ``deadline``
+        passes. The answer is read here rather than by the SDK's stream reader, which turns
+        the socket's timeout off: a daemon that stalled in mid-answer would then hold the
+        read for ever.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _ReadCut("took too long to read")
         api = self.api
         response = api.get(
             f"{api.base_url}/v{api.api_version}/containers/{quote(name, safe='')}/logs",
-            params={"stdout": 1, "stderr": 1, "tail": entries},
+            params={
+                "stdout": int(_STDOUT in streams),
+                "stderr": int(_STDERR in streams),
+                "tail": window,
+            },
             stream=True,
-            timeout=self.timeout,
+            # Each connect and each socket read, so no single wait outlasts the deadline.
+            timeout=remaining,
         )
-        tails = {_STDOUT: LogTail(max_bytes), _STDERR: LogTail(max_bytes)}
-        frames = 0
+        tails = {stream: LogTail(max_bytes) for stream in streams}
+        frames = received = 0
         try:
             if response.status_code == 404:
                 raise _ContainerGone
@@ -497,6 +590,10 @@ class DockerExecutor(Executor):
                 if not header:
                     break
                 stream, length = _FRAME_HEADER.unpack(header)
+                received += len(header) + length
+                if received > budget:
+                    # Checked before the entry is read: no more than the budget is taken.
+                    raise _ReadCut(f"exceed {budget} bytes in their last {window} entries")
                 data = response.raw.read(length) if length else b""
                 if len(data) < length:
                     raise ExecutorError(f"Docker logs of {name} ended in mid-entry")
@@ -504,12 +601,15 @@ class DockerExecutor(Executor):
                     tails[stream].feed(data)
                 frames += 1
                 if time.monotonic() > deadline:
-                    raise ExecutorError(f"Docker logs of {name} took too long to read")
+                    raise _ReadCut("took too long to read")
         except struct.error as exc:
             raise ExecutorError(f"Docker logs of {name} ended in mid-entry", original=exc) from exc
         finally:
             response.close()
-        return tails[_STDOUT], tails[_STDERR], frames
+        # Fewer entries than asked for: the window held the whole log. Only an answer for
+        # both streams tells: the window counts the entries of both.
+        whole = len(streams) > 1 and frames < window
+        return _Window({s: _StreamRead(tail, whole) for s, tail in tails.items()}, frames, received)
 
     def stop(self, name: str, timeout: float = 5) -> None:
         with self._translate(f"stop of {name}"):
@@ -624,3 +724,37 @@ def _never_tty(container: Any) -> bool:
 
 class _ContainerGone(Exception):
     """Internal: the container disappeared between two calls."""
+
+
+class _ReadCut(Exception):
+    """Internal: a log read stopped at its deadline or byte budget."""
+
+
+class _StreamRead(NamedTuple):
+    """One stream's tail from one answer, and whether the answer held the whole log."""
+
+    tail: LogTail
+    whole: bool
+
+
+class _Window(NamedTuple):
+    """One answer of the daemon: the tails of the streams asked for, how many entries came
+    (of any stream) and how many bytes were received."""
+
+    reads: dict[int, _StreamRead]
+    frames: int
+    received: int
+
+
+def _next_window(window: int, seen: int, max_bytes: int) -> int:
+    """The window after one whose answer held ``seen`` bytes of a stream.
+
+    Enough entries for ``max_bytes`` of that stream at the bytes per entry it had, and a
+    quarter more for lines of uneven length; at least twice the last window, so that a few
+    requests reach any size, and at most :data:`_MAX_GROWTH` times it, because older output
+    may be far longer per entry than the recent end.
+    """
+    if seen <= 0:
+        return window * _MAX_GROWTH
+    needed = -(-window * max_bytes * 5 // (seen * 4))  # rounded up
+    return min(window * _MAX_GROWTH, max(window * 2, needed))
