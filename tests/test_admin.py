@@ -844,3 +844,11 @@ def test_host_views_permissions(hosts_admin: Client, stranger: Client) -> None:
     assert "0 / 10" in hosts_admin.get(change).content.decode()
     assert stranger.get(reverse(HOSTS_CHANGELIST)).status_code == 403
     assert stranger.get(change).status_code == 403
+
+
+def test_a_running_retry_says_whose_logs_are_stored(admin_client: Client) -> None:
+    job = make_job(status=Status.RUNNING, attempt=2, stdout_log="first attempt said this")
+    page = admin_client.get(url("change", job.pk)).content.decode()
+    assert "Stored when attempt 1 ended; attempt 2 has not ended yet." in page
+    ended = make_job(status=Status.FAILED, attempt=2, stdout_log="second attempt said this")
+    assert "has not ended yet" not in admin_client.get(url("change", ended.pk)).content.decode()

@@ -176,7 +176,7 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
                     )
                 },
             ),
-            (_("Logs"), {"fields": ("stdout_preview", "stderr_preview")}),
+            (_("Logs"), self._logs_options(obj)),
             (_("Record"), {"fields": (("id", "created_by"), ("created_at", "updated_at"))}),
         ]
 
@@ -194,6 +194,16 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         if job.status in states.ACTIVE:
             fields.append("live_output")
         return (_("Outcome") if job.status in states.FINAL else _("Now"), {"fields": fields})
+
+    def _logs_options(self, job: ContainerJob) -> dict[str, Any]:
+        options: dict[str, Any] = {"fields": ("stdout_preview", "stderr_preview")}
+        if job.status in states.ACTIVE and job.attempt > 1:
+            # Logs are stored when an attempt ends: while the next one launches or runs,
+            # the stored ones are the previous attempt's (its own are under Live output).
+            options["description"] = _(
+                "Stored when attempt %(previous)s ended; attempt %(current)s has not ended yet."
+            ) % {"previous": job.attempt - 1, "current": job.attempt}
+        return options
 
     def _history_fieldsets(self, job: ContainerJob) -> list[tuple[Any, dict[str, Any]]]:
         fields: list[str] = []
