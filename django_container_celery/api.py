@@ -91,9 +91,10 @@ def enqueue(
     eta: datetime | None = None,
     countdown: float | None = None,
     priority: int | None = None,
+    lane: str | None = None,
 ) -> AsyncResult:
     """Validate, save and queue the job and, once the transaction commits, send its run
-    message.
+    message. ``lane``, when given, is set on the job first (and validated with it).
 
     Validation comes first and always, for a new instance and a saved one alike: the call
     options and the whole job (``full_clean``). Any problem raises one ``ValidationError``
@@ -109,6 +110,8 @@ def enqueue(
     """
     from . import eager
 
+    if lane is not None:
+        job.lane = lane
     _validate_for_queueing(job, eta=eta, countdown=countdown, priority=priority)
     run_here = eager.is_eager()
     if run_here:
@@ -320,12 +323,14 @@ class ContainerTask:
         eta: datetime | None = None,
         countdown: float | None = None,
         priority: int | None = None,
+        lane: str | None = None,
     ) -> AsyncResult:
         """Validate the call options, then build the job and queue it; nothing is saved
-        unless all of it is valid (see :func:`enqueue`)."""
+        unless all of it is valid (see :func:`enqueue`). ``lane`` replaces the task's own
+        ``lane`` option for this call."""
         validate_call_options(eta=eta, countdown=countdown, priority=priority)
         job = self.new_job(tuple(args or ()), dict(kwargs or {}))
-        return enqueue(job, eta=eta, countdown=countdown, priority=priority)
+        return enqueue(job, eta=eta, countdown=countdown, priority=priority, lane=lane)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         return self.task.s(*args, **kwargs)
@@ -354,10 +359,11 @@ def container_task(
     Options are ContainerJob definition fields: ``priority``, ``max_retries``,
     ``timeout_seconds``, ``memory_limit``, ``cpu_limit``, ``environment``,
     ``retry_strategy``, ``retry_exit_codes``, ``docker_host`` (an ExecutorHost, id or
-    name), ``working_directory``, ``name``; plus ``task_name`` for the Celery task name.
+    name), ``lane`` (a lane's name), ``memory_retry_factor``, ``working_directory``,
+    ``name``; plus ``task_name`` for the Celery task name.
     They are validated here, with the model's field validation: a ``ValidationError``
     names each bad one. A host name or id is looked up at each call, not here: module
-    import must not need the database.
+    import must not need the database; so is a lane (its name's form is checked here).
     """
     unknown = set(options) - set(DEFINITION_FIELDS) - {"task_name"}
     if unknown:

@@ -248,6 +248,12 @@ SPECS: dict[str, Spec] = {
     ),
     "LAUNCH_TIMEOUT": Spec(NUMBER, above=0, why=_SECONDS),
     "FINISH_TRIES": Spec(INT, at_least=1, why="A count of tries: 1 gives up at the first."),
+    "MAX_ATTEMPTS_WITHOUT_OUTCOME": Spec(
+        INT, at_least=1, why="A count of attempts: 1 stops a job at the first."
+    ),
+    "HOST_FAILURES_BEFORE_UNHEALTHY": Spec(
+        INT, at_least=1, why="A count of failed calls: 1 marks a host at the first."
+    ),
     "DISPATCH_INTERVAL": Spec(NUMBER, above=0, why=_SECONDS),
     "REDISPATCH_SECONDS": Spec(NUMBER, above=0, why=_SECONDS),
     "MAX_CONCURRENT_JOBS": Spec(INT, at_least=1, why="With 0 no job would ever start."),

@@ -12,13 +12,15 @@ fit a free slot and share that route (``claim_next(route_of=...)``). Messages ma
 any order, be prefetched, duplicated or sent by dispatch, a rescue or a canvas step: the
 job that starts when a slot frees is always the best one waiting for it.
 
-A claim reads the hosts' room (``placement.py``: slots, memory, CPU), selects the first
-ready job that fits a free slot on a host it may use, chooses the host for an unpinned
-job, and then claims it with one conditional UPDATE that checks every limit again: the
-global ``max_concurrent``, the host's ``max_concurrent_jobs``, and the host's memory and
-CPU capacity. On PostgreSQL every claim first takes one transaction-level advisory lock,
-so claims are serialized and each UPDATE's snapshot sees all earlier claims: no two
-workers can both take the last free slot or the last free MiB. On SQLite the UPDATE's own
+A claim reads the hosts' room (``placement.py``: slots, memory, CPU, health) and the
+lanes' (``lanes.py``: paused, or at their limit), selects the first ready job that fits a
+free slot on a healthy host it may use and whose lane may start one, chooses the host for
+an unpinned job, and then claims it with one conditional UPDATE that checks every limit
+again: the global ``max_concurrent``, the host's ``max_concurrent_jobs`` and health, the
+host's memory and CPU capacity, the lane's pause and its ``max_concurrent_jobs``. On
+PostgreSQL every claim first takes one transaction-level advisory lock, so claims are
+serialized and each UPDATE's snapshot sees all earlier claims: no two workers can both
+take the last free slot, the last free MiB or a lane's last place. On SQLite the UPDATE's own
 checks hold, since SQLite serializes writers by itself.
 """
 
@@ -35,9 +37,9 @@ from django.db.models import F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from . import placement, states
+from . import lanes, placement, states
 from .conf import app_settings
-from .models import ContainerJob, ExecutorHost, database_now
+from .models import ContainerJob, ExecutorHost, Lane, database_now
 from .placement import CPU_SLACK, HostRoom, Need, Reservation
 from .states import Status
 
@@ -54,10 +56,14 @@ def lease_deadline(now: datetime | None = None) -> datetime:
 class _ClaimSQL:
     """Builds the claiming UPDATE for the current database."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocked_lanes: Sequence[str] = ()) -> None:
         self.job = ContainerJob._meta.db_table
         self.host = ExecutorHost._meta.db_table
+        self.lane = Lane._meta.db_table
         self.postgres = connection.vendor == "postgresql"
+        # Lanes paused or at their limit as read under the claim's lock: their jobs are
+        # left out of every selection (a paused lane's job reserves no host either).
+        self.blocked_lanes = list(blocked_lanes)
 
     def statuses(self, values: Iterable[str]) -> str:
         return ", ".join(f"'{value}'" for value in sorted(values))
@@ -100,6 +106,17 @@ class _ClaimSQL:
                 updated_at = %s
             WHERE {job}.id = ({still_ready})
               AND (SELECT COUNT(*) FROM {job} a WHERE {holding}) < %s
+              AND NOT EXISTS (
+                SELECT 1 FROM {self.lane} l WHERE l.name = {job}.lane AND l.is_paused
+              )
+              AND (
+                {job}.lane = ''
+                OR (SELECT COUNT(*) FROM {job} a WHERE {holding} AND a.lane = {job}.lane)
+                   < COALESCE(
+                       (SELECT l.max_concurrent_jobs FROM {self.lane} l
+                        WHERE l.name = {job}.lane),
+                       %s)
+              )
         """
         params: list[Any] = [
             worker_id,
@@ -111,13 +128,14 @@ class _ClaimSQL:
             _db_time(now),
             *ready_params,
             max_concurrent,
+            UNLIMITED,
         ]
         if host is not None:
             on_host = f"FROM {job} a WHERE {holding} AND a.assigned_host_id = %s"
             sql += f"""
               AND (SELECT COUNT(*) {on_host})
                   < (SELECT h.max_concurrent_jobs FROM {host_table} h
-                     WHERE h.id = %s AND h.is_active)
+                     WHERE h.id = %s AND h.is_active AND h.unhealthy_since IS NULL)
             """
             params += [host.host_id, host.host_id]
             for limit_column, capacity_column, default in self._resources():
@@ -173,6 +191,9 @@ class _ClaimSQL:
         if only_id is not None:
             sql += " AND r.id = %s"
             params.append(only_id)
+        if self.blocked_lanes:
+            sql += " AND r.lane NOT IN ({})".format(", ".join(["%s"] * len(self.blocked_lanes)))
+            params.extend(self.blocked_lanes)
         if route_of is not None:
             if route_of.host_id is None:
                 sql += " AND r.docker_host_id IS NULL"
@@ -261,7 +282,7 @@ def _reservation(
         cursor.execute(sql, params)
         waiting = cursor.fetchall()
     return placement.find_reservation(
-        rooms, ((job_id, host, Need.of(memory, cpus)) for job_id, host, memory, cpus in waiting)
+        rooms, ((row[0], row[1], Need.of(row[2], row[3])) for row in waiting)
     )
 
 
@@ -270,7 +291,7 @@ def _host_for(
 ) -> HostRoom | None:
     if rooms is None:
         return None
-    _job_id, pinned, memory, cpus = row
+    _job_id, pinned, memory, cpus = row[:4]
     if pinned is not None:
         return next((room for room in rooms if room.host_id == pinned), None)
     exclude = reserved.hosts if reserved is not None else ()
@@ -284,7 +305,7 @@ def _run_claim(sql: str, params: list[Any]) -> ContainerJob | None:
 
 
 Target = tuple[str, list[Any]]
-_CANDIDATE_COLUMNS = "r.id, r.docker_host_id, r.memory_limit, r.cpu_limit"
+_CANDIDATE_COLUMNS = "r.id, r.docker_host_id, r.memory_limit, r.cpu_limit, r.lane"
 
 
 def _claim(
@@ -299,7 +320,7 @@ def _claim(
     with transaction.atomic():
         _serialize_claims()
         now = database_now()  # after the wait for the lock, so the lease is not shortened
-        builder = _ClaimSQL()
+        builder = _ClaimSQL(lanes.blocked(lanes.lane_rooms()))
         rooms = _rooms()
         reserved = _reservation(builder, now, rooms) if honour_reservation else None
         sql, params = choose(builder, now, rooms, reserved)
@@ -404,13 +425,14 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     """
     if limit <= 0:
         return []
-    builder = _ClaimSQL()
+    lane_rooms = lanes.lane_rooms()
+    builder = _ClaimSQL(lanes.blocked(lane_rooms))
     now = database_now()
     rooms = _rooms()
     reserved = _reservation(builder, now, rooms)
-    # Each job is checked alone in SQL; counted together some of them no longer fit, so
-    # read further than the limit to fill it.
-    extra = 0 if rooms is None else placement.RESERVATION_SCAN
+    # Each job is checked alone in SQL; counted together some of them no longer fit (a
+    # host or a lane fills up), so read further than the limit to fill it.
+    extra = 0 if rooms is None and not lane_rooms else placement.RESERVATION_SCAN
     sql, params = builder.ready_ids(
         now=now,
         rooms=rooms,
@@ -423,16 +445,26 @@ def eligible_ready_ids(limit: int) -> list[Any]:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     to_python = ContainerJob._meta.pk.to_python
-    if rooms is None:
-        return [to_python(row[0]) for row in rows]
+    # Room left in each limited lane, counted down as its jobs are admitted.
+    lane_free = {room.name: room.free for room in lane_rooms if room.free is not None}
     admitted: list[Any] = []
     for row in rows:
         if len(admitted) >= limit:
             break
+        lane = row[4]
+        if lane_free.get(lane, 1) <= 0:
+            continue
+        if rooms is None:
+            admitted.append(to_python(row[0]))
+            if lane in lane_free:
+                lane_free[lane] -= 1
+            continue
         host = _host_for(rooms, row, reserved)
         if host is None or not host.fits_now(Need.of(row[2], row[3])):
             continue
         admitted.append(to_python(row[0]))
+        if lane in lane_free:
+            lane_free[lane] -= 1
         rooms = [
             placement.taken(room, Need.of(row[2], row[3])) if room is host else room
             for room in rooms

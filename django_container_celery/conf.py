@@ -25,6 +25,14 @@ DEFAULTS: dict[str, Any] = {
     # or another unexpected error repeats) ends failed with the reason instead of staying
     # running. A daemon that does not answer does not count: its jobs wait for it.
     "FINISH_TRIES": 5,
+    # A job whose attempts end this many times without an outcome (its container vanished,
+    # its host was lost during the launch, its finishing kept failing) is failed and marked
+    # as needing attention instead of being retried again, whatever its max_retries.
+    "MAX_ATTEMPTS_WITHOUT_OUTCOME": 3,
+    # A host whose daemon fails this many calls in a row (launches, reconcile listings)
+    # is marked unhealthy: no job starts there until a call succeeds again (the leading
+    # watcher's reconcile pass probes it every RECONCILE_INTERVAL).
+    "HOST_FAILURES_BEFORE_UNHEALTHY": 3,
     # Seconds between beat's runs of dispatch_ready_jobs (and rescue_stale_jobs).
     "DISPATCH_INTERVAL": 5,
     # A due, unclaimed, queued job whose last Celery message is older than this is sent

@@ -53,9 +53,9 @@ def end_attempt(
     ``KEEP_CONTAINERS``, the container is removed afterwards (``remove`` replaces the
     inline removal: the watcher queues it, so a slow removal never delays the next exit).
     """
-    if executor is not None and ending.kind in (End.EXITED, End.TIMED_OUT):
+    if executor is not None and ending.container_exited:
         fields["stdout_log"], fields["stderr_log"] = _read_logs(executor, job.container_name)
-    if ending.kind in (End.EXITED, End.TIMED_OUT):
+    if ending.container_exited:
         fields.setdefault("exit_code", ending.exit_code)
     try:
         _record(job, ending, as_claimant, fields)
@@ -63,8 +63,7 @@ def end_attempt(
         logger.info("job %s: attempt %s not ended here, its claim moved on", job.pk, job.attempt)
         return False
     announce(job)
-    exited = ending.kind in (End.EXITED, End.TIMED_OUT)
-    if executor is not None and exited and not app_settings.KEEP_CONTAINERS:
+    if executor is not None and ending.container_exited and not app_settings.KEEP_CONTAINERS:
         (remove or remove_container)(executor, job.container_name)
     return True
 
@@ -78,6 +77,14 @@ def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[s
     """
     with transaction.atomic():
         ended = _attempt_in_progress(job)
+        if ended is not None and ending.without_outcome:
+            # Counted from the locked row: the decision below reads it on the instance.
+            job.attempts_without_outcome = ended["attempts_without_outcome"] + 1
+            fields["attempts_without_outcome"] = job.attempts_without_outcome
+        if ended is not None and ending.kind is End.OUT_OF_MEMORY:
+            # The limit the attempt ran with, from the locked row: the decision raises it
+            # and the message names it.
+            job.memory_limit = ended["memory_limit"]
         if ending.kind is End.EXITED and ending.exit_code == 0 and not ending.error:
             _write_attempt(ended, job, ending, fields, error="", retried=False)
             job.mark_as_completed(as_claimant=as_claimant, **fields)
@@ -92,8 +99,13 @@ def _record(job: ContainerJob, ending: Ending, as_claimant: bool, fields: dict[s
             message += f" ({decision.reason})"
         _write_attempt(ended, job, ending, fields, error=message, retried=decision.retry)
         if decision.retry:
-            job.mark_as_retrying(decision.delay, error=message, as_claimant=as_claimant, **fields)
+            # The decision's changes (a raised memory_limit) go in the same conditional
+            # transition: a retry is never scheduled without them, nor they without it.
+            changed = {**fields, **decision.changes}
+            job.mark_as_retrying(decision.delay, error=message, as_claimant=as_claimant, **changed)
         else:
+            if decision.needs_attention:
+                fields["needs_attention"] = True
             job.mark_as_failed(error=message, as_claimant=as_claimant, **fields)
 
 
@@ -107,7 +119,14 @@ def _attempt_in_progress(job: ContainerJob) -> Mapping[str, Any] | None:
     return (
         ContainerJob.objects.select_for_update()
         .filter(pk=job.pk, status__in=states.ACTIVE)
-        .values("attempt", "assigned_host_id", "claimed_at", "started_at")
+        .values(
+            "attempt",
+            "assigned_host_id",
+            "claimed_at",
+            "started_at",
+            "attempts_without_outcome",
+            "memory_limit",
+        )
         .first()
     )
 
@@ -123,7 +142,7 @@ def _write_attempt(
 ) -> None:
     if ended is None:
         return
-    exited = ending.kind in (End.EXITED, End.TIMED_OUT)
+    exited = ending.container_exited
     try:
         # In a savepoint: the history is a record of the job, never a condition of ending
         # it. A row that cannot be written (a missing grant, a full disk for that table)
@@ -135,6 +154,7 @@ def _write_attempt(
                 host_id=ended["assigned_host_id"],
                 reason=ending.kind.value,
                 exit_code=fields.get("exit_code", ending.exit_code) if exited else None,
+                memory_limit=ended["memory_limit"],
                 error=mask_text(error, job.environment) if error else "",
                 claimed_at=ended["claimed_at"],
                 started_at=ended["started_at"],
@@ -160,6 +180,8 @@ def describe(job: ContainerJob, ending: Ending) -> str:
         return ending.error or f"timed out after {job.timeout_seconds} seconds; container killed"
     if ending.kind is End.EXITED:
         return ending.error or f"container exited with code {ending.exit_code}"
+    if ending.kind is End.OUT_OF_MEMORY:
+        return ending.error or _out_of_memory(job.memory_limit, ending.exit_code)
     if ending.kind is End.VANISHED:
         return ending.error or "container vanished while the job was running"
     if ending.kind is End.LAUNCH_FAILED:
@@ -169,6 +191,18 @@ def describe(job: ContainerJob, ending: Ending) -> str:
     return ending.error or "cancelled"
 
 
+def _out_of_memory(limit: int | None, exit_code: int | None) -> str:
+    if limit is None:
+        return (
+            "out of memory: killed by the kernel with no memory limit set (the host ran out; "
+            f"exit code {exit_code})"
+        )
+    return (
+        f"out of memory: the container was killed at its {limit} MiB memory limit "
+        f"(exit code {exit_code})"
+    )
+
+
 def finish(
     job: ContainerJob,
     executor: Executor,
@@ -176,10 +210,20 @@ def finish(
     *,
     error: str = "",
     timed_out: bool = False,
+    out_of_memory: bool = False,
     remove: Remover | None = None,
 ) -> bool:
-    """End the attempt of a container that exited (or was killed past its timeout)."""
-    kind = End.TIMED_OUT if timed_out else End.EXITED
+    """End the attempt of a container that exited (or was killed past its timeout).
+
+    ``out_of_memory``: Docker says the kernel killed it for memory (``State.OOMKilled``, or
+    an ``oom`` event seen for it). A container that exited 0 all the same (the kernel
+    killed one of its processes and the job went on) completed.
+    """
+    kind = End.EXITED
+    if timed_out:
+        kind = End.TIMED_OUT
+    elif out_of_memory and exit_code != 0:
+        kind = End.OUT_OF_MEMORY
     ending = Ending(kind, exit_code=exit_code, error=error)
     return end_attempt(job, ending, executor=executor, remove=remove)
 

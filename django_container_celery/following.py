@@ -1,5 +1,6 @@
-"""Where one running job is looked at: finished when its container exited, killed past its
-timeout, retried when its container vanished, or adopted after its worker died.
+"""Where one running job is looked at: finished when its container exited (or was killed for
+memory), killed past its timeout, retried when its container vanished, or adopted after its
+worker died.
 
 The watcher (``watching.py``) calls :func:`check` for every job an event or its reconcile
 pass points at; a job taken over after its worker died goes through :func:`adopt` first,
@@ -51,14 +52,20 @@ def check(
     executor: Executor,
     remove: Remover | None = None,
     now: datetime | None = None,
+    oom_seen: bool = False,
 ) -> Progress:
-    """One look at a running job: finish it if its container exited or it timed out."""
+    """One look at a running job: finish it if its container exited or it timed out.
+
+    ``oom_seen``: the caller saw an ``oom`` event for the container, so an exit counts as
+    a kill for memory even when its state does not say so (``State.OOMKilled`` is missed
+    under cgroup v2 by some daemon versions).
+    """
     try:
         state = executor.inspect(job.container_name)
     except ExecutorError:
         logger.warning("job %s: cannot inspect its container now", job.pk, exc_info=True)
         return Progress.RUNNING
-    return _act_on(job, executor, state, remove, now)
+    return _act_on(job, executor, state, remove, now, oom_seen)
 
 
 def _act_on(
@@ -67,6 +74,7 @@ def _act_on(
     state: ContainerState | None,
     remove: Remover | None = None,
     now: datetime | None = None,
+    oom_seen: bool = False,
 ) -> Progress:
     if state is None:
         return _vanished(job)
@@ -77,7 +85,8 @@ def _act_on(
         remove_container(executor, job.container_name)
         return _vanished(job, state.error or "container was created but never started")
     if not state.running:
-        return _finished(finish(job, executor, state.exit_code, remove=remove))
+        oom = state.oom_killed or oom_seen
+        return _finished(finish(job, executor, state.exit_code, out_of_memory=oom, remove=remove))
     if deadline_of(job, now) <= 0:
         return kill_for_timeout(job, executor, remove)
     return Progress.RUNNING

@@ -21,7 +21,7 @@ from typing import Any
 from django.db import connection
 from django.utils import timezone
 
-from . import states
+from . import health, states
 from .claims import renew_lease
 from .conf import app_settings
 from .exceptions import ExecutorError, TransitionConflict
@@ -126,6 +126,7 @@ def launch_claimed(
         return _start_failed(job, executor, exc)
     except Exception as exc:
         return record_launch_failure(job, exc)
+    _host_answered(job)
     if on_started is not None:
         try:
             on_started(job, container_id)
@@ -136,6 +137,14 @@ def launch_claimed(
     except TransitionConflict:
         return _claim_lost(job, executor, "" if adopted else container_id)
     return LaunchOutcome(True, adopted=adopted)
+
+
+def _host_answered(job: ContainerJob) -> None:
+    """A launch that reached the daemon clears its host's failures. Read from the host as
+    the claim loaded it: a healthy host costs no statement."""
+    host = job.assigned_host if job.assigned_host_id is not None else None
+    if host is not None and (host.failures_in_row or host.unhealthy_since is not None):
+        health.record_success(host.pk)
 
 
 def _replace_unstarted(job: ContainerJob, executor: Executor, name: str) -> bool:
@@ -221,6 +230,8 @@ def record_launch_failure(
     ``stop_pending``: a container of the attempt may be left (its removal failed), so the
     job keeps its slot, and takes no new attempt, until the reconcile pass stops it.
     """
+    if health.daemon_did_not_answer(exc):
+        health.record_failure(job.assigned_host_id, exc)
     ending = Ending(
         End.LAUNCH_FAILED,
         error=_describe(exc),

@@ -109,8 +109,31 @@ class ExecutorHost(models.Model):
         editable=False,
         help_text=_("Since when the daemon has not answered; empty while it answers."),
     )
+    # Health: written by the engine only (``health.py``), one conditional UPDATE each.
+    failures_in_row = models.PositiveIntegerField(
+        default=0,
+        editable=False,
+        help_text=_("Calls to the daemon that failed in a row; a success resets it."),
+    )
+    unhealthy_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_(
+            "Since when the host is unhealthy (HOST_FAILURES_BEFORE_UNHEALTHY failed calls in "
+            "a row): no job starts here until a call succeeds. Empty: healthy."
+        ),
+    )
+    health_error = models.TextField(
+        blank=True, editable=False, help_text=_("The last failed call's error, while failing.")
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Written by the watcher and the launchers, never by a form saving a row it read earlier.
+    ENGINE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"unreachable_since", "failures_in_row", "unhealthy_since", "health_error"}
+    )
 
     class Meta:
         ordering = ["name"]
@@ -131,20 +154,80 @@ class ExecutorHost(models.Model):
         return self.name
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        # unreachable_since is the watcher's: a form saving a row it loaded earlier must not
-        # write back a stale value.
+        # The health fields are the engine's: a form saving a row it loaded earlier must not
+        # write back stale values.
         if not self._state.adding and kwargs.get("update_fields") is None:
             kwargs["update_fields"] = [
                 field.name
                 for field in self._meta.concrete_fields
-                if not field.primary_key and field.name != "unreachable_since"
+                if not field.primary_key and field.name not in self.ENGINE_FIELDS
             ]
         super().save(*args, **kwargs)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.unhealthy_since is None
 
     def active_job_count(self) -> int:
         """Slots in use: jobs launching or running, and ended jobs whose container could not
         be stopped yet."""
         return ContainerJob.objects.holding_slots().filter(assigned_host=self).count()
+
+
+class Lane(models.Model):
+    """A named share of the queue that jobs may join (``ContainerJob.lane``): an optional
+    limit on how many of its jobs hold a slot at once, and a pause switch.
+
+    A paused lane starts nothing new; its running jobs finish and its waiting jobs keep
+    their place. Pausing and resuming go through ``lanes.pause`` / ``lanes.resume`` (the
+    admin's actions, ``manage.py container_lanes``), which need the ``pause_lane``
+    permission in the admin.
+    """
+
+    name = models.CharField(max_length=100, unique=True, validators=[validators.validate_lane_name])
+    description = models.TextField(blank=True)
+    max_concurrent_jobs = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text=_("Jobs of this lane that may hold a slot at once. Empty: no lane limit."),
+    )
+    is_paused = models.BooleanField(
+        default=False, editable=False, help_text=_("No job of a paused lane starts.")
+    )
+    paused_at = models.DateTimeField(null=True, blank=True, editable=False)
+    paused_by = models.CharField(max_length=150, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    # Written by pause and resume only: an edit form saving a stale row must not undo them.
+    SWITCH_FIELDS: ClassVar[frozenset[str]] = frozenset({"is_paused", "paused_at", "paused_by"})
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            check_constraint(
+                Q(max_concurrent_jobs__isnull=True) | Q(max_concurrent_jobs__gte=1),
+                "dcc_lane_limit_positive",
+            ),
+        ]
+        permissions = [("pause_lane", "Can pause and resume lanes")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding and kwargs.get("update_fields") is None:
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in self.SWITCH_FIELDS
+            ]
+        super().save(*args, **kwargs)
+
+    def holding_count(self) -> int:
+        """Jobs of this lane holding a slot now."""
+        return ContainerJob.objects.holding_slots().filter(lane=self.name).count()
 
 
 class Installation(models.Model):
@@ -233,10 +316,12 @@ class ContainerJob(models.Model):
         "cpu_limit",
         "timeout_seconds",
         "docker_host",
+        "lane",
         "priority",
         "max_retries",
         "retry_strategy",
         "retry_exit_codes",
+        "memory_retry_factor",
     )
     # Written by a plain save() besides the definition: neither the engine's nor defined.
     RECORD_FIELDS: ClassVar[tuple[str, ...]] = ("created_by", "updated_at")
@@ -289,6 +374,15 @@ class ContainerJob(models.Model):
         related_name="pinned_jobs",
         help_text=_("Run on this host only. Empty: the app chooses a host with room."),
     )
+    lane = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        validators=[validators.validate_lane_name],
+        help_text=_(
+            "A lane (Lanes in the admin) whose limit and pause apply to this job. Empty: no lane."
+        ),
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -326,6 +420,15 @@ class ContainerJob(models.Model):
         validators=[validators.validate_exit_codes],
         help_text=_("Exit codes that mean a transient failure: the job is retried."),
     )
+    memory_retry_factor = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[validators.validate_memory_retry_factor],
+        help_text=_(
+            "When the container is killed for memory, retry with memory_limit times this "
+            "(at most MAX_MEMORY_MB). Empty: an out-of-memory kill is not retried."
+        ),
+    )
 
     # Claim: which worker owns the current attempt, until when
     claimed_by = models.CharField(max_length=255, blank=True, default="")
@@ -350,6 +453,21 @@ class ContainerJob(models.Model):
         help_text=_(
             "How many times a worker took the job over from an owner whose lease expired "
             "(a rescue)."
+        ),
+    )
+    attempts_without_outcome = models.PositiveIntegerField(
+        default=0,
+        help_text=_(
+            "Attempts that ended without an outcome: the container vanished, the host was "
+            "lost during the launch, or finishing kept failing. At "
+            "MAX_ATTEMPTS_WITHOUT_OUTCOME the job fails and needs attention."
+        ),
+    )
+    needs_attention = models.BooleanField(
+        default=False,
+        help_text=_(
+            "Failed because its attempts kept ending without an outcome: an operator should "
+            "look at its host or image before retrying it."
         ),
     )
 
@@ -413,6 +531,25 @@ class ContainerJob(models.Model):
                 fields=["queued_at", "scheduled_for"],
                 name="dcc_waiting_since_idx",
                 condition=_WAITING_Q,
+            ),
+            # Serves the per-lane slot count of every claim when lanes have limits.
+            models.Index(
+                fields=["lane"],
+                name="dcc_holding_lane_idx",
+                condition=_ACTIVE_Q | Q(stop_pending=True),
+            ),
+            # The admin's lane filter: a lane's jobs, newest first, without reading the
+            # other lanes' rows.
+            models.Index(
+                fields=["lane", "-created_at"],
+                name="dcc_lane_created_idx",
+                condition=~Q(lane=""),
+            ),
+            # The admin's "needs attention" filter and the dashboard's count of those jobs.
+            models.Index(
+                fields=["created_at"],
+                name="dcc_attention_idx",
+                condition=Q(status=Status.FAILED, needs_attention=True),
             ),
             # Counts and lists (newest first) jobs that failed before their container
             # started, which would otherwise read every failed job ever kept.
@@ -485,6 +622,38 @@ class ContainerJob(models.Model):
             errors.update(self._size_errors())
         if errors:
             raise ValidationError(errors)
+
+    def full_clean(
+        self,
+        exclude: Iterable[str] | None = None,
+        validate_unique: bool = True,
+        validate_constraints: bool = True,
+    ) -> None:
+        """Django's checks, then the one that reads the database for the job's lane: it
+        must exist. Not in :meth:`clean_fields`, so that ``container_task(lane=...)``
+        checks the name's form at import time and the lane itself at each call; and
+        skipped when ``lane`` is excluded (a form that does not edit it)."""
+        excluded = set(exclude or ())
+        errors: dict[str, Any] = {}
+        try:
+            super().full_clean(excluded, validate_unique, validate_constraints)
+        except ValidationError as error:
+            errors = error.update_error_dict(errors)
+        if "lane" not in excluded and "lane" not in errors:
+            errors.update(self._lane_errors())
+        if errors:
+            raise ValidationError(errors)
+
+    def _lane_errors(self) -> dict[str, list[ValidationError]]:
+        if not self.lane or Lane.objects.filter(name=self.lane).exists():
+            return {}
+        error = ValidationError(
+            "Unknown lane %(lane)s: create it first (Lanes in the admin, or "
+            "manage.py container_lanes set %(lane)s).",
+            code="unknown_lane",
+            params={"lane": self.lane},
+        )
+        return {"lane": [error]}
 
     def _size_errors(self) -> dict[str, list[ValidationError]]:
         """A job that may still be launched must fit some host it may run on (a record of
@@ -782,15 +951,16 @@ class ContainerJob(models.Model):
         eta: datetime | None = None,
         countdown: float | None = None,
         priority: int | None = None,
+        lane: str | None = None,
     ) -> AsyncResult:
         """Like :meth:`delay`, at ``eta`` or after ``countdown`` seconds, with ``priority``
-        (0-100) for this job. The options are validated with the instance, before anything
-        is written: ``eta`` an aware datetime (naive without USE_TZ), ``countdown`` a finite
-        number of seconds, neither more than 3650 days ahead; a ``ValidationError`` names
-        each bad one (``{"eta": [...]}``)."""
+        (0-100) and ``lane`` (an existing lane's name) for this job. The options are
+        validated with the instance, before anything is written: ``eta`` an aware datetime
+        (naive without USE_TZ), ``countdown`` a finite number of seconds, neither more than
+        3650 days ahead; a ``ValidationError`` names each bad one (``{"eta": [...]}``)."""
         from .api import enqueue
 
-        return enqueue(self, eta=eta, countdown=countdown, priority=priority)
+        return enqueue(self, eta=eta, countdown=countdown, priority=priority, lane=lane)
 
     def cancel(self) -> bool:
         """Stop the job: a running container is stopped and removed. False if already final."""
@@ -906,6 +1076,9 @@ class JobAttempt(models.Model):
     # must be recordable by code that runs before its migration.
     reason = models.CharField(max_length=32, choices=AttemptReason.choices)
     exit_code = models.IntegerField(null=True, blank=True)
+    memory_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text=_("The attempt's memory limit, MiB; empty: none.")
+    )
     error = models.TextField(
         blank=True, help_text=_("What the job's last_error got, secrets masked; empty on success.")
     )

@@ -44,6 +44,7 @@ from django.db.models.functions import Coalesce
 
 from . import states
 from .conf import app_settings
+from .lanes import why_lane_waits
 from .models import ContainerJob, ExecutorHost
 
 # Sums of float limits (0.1 + 0.2) must not refuse a job that fits exactly.
@@ -88,10 +89,19 @@ class HostRoom:
     cpus: float | None
     used_cpus: float
     unreachable_since: datetime | None = None
+    unhealthy_since: datetime | None = None
+    health_error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_since is None
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.slots - self.used_slots) if self.active else 0
+        """Slots a new job may take now: none on a switched-off or unhealthy host."""
+        if not (self.active and self.healthy):
+            return 0
+        return max(0, self.slots - self.used_slots)
 
     @property
     def free_memory_mb(self) -> int | None:
@@ -115,8 +125,9 @@ class HostRoom:
         return memory_ok and cpus_ok
 
     def fits_empty(self, need: Need) -> bool:
-        """Whether the job fits here once the host's jobs have ended."""
-        return self.active and self.could_hold(need)
+        """Whether the job fits here once the host's jobs have ended (an unhealthy host
+        is not counted on: no job is held back waiting for it)."""
+        return self.active and self.healthy and self.could_hold(need)
 
     def shortfalls(self, need: Need) -> list[str]:
         """What of this host's memory and CPU the job does not find free now."""
@@ -181,6 +192,8 @@ def host_rooms() -> list[HostRoom]:
             "cpu_capacity",
             "used_cpus",
             "unreachable_since",
+            "unhealthy_since",
+            "health_error",
         )
     )
     return [_room(*row) for row in rows]
@@ -198,6 +211,8 @@ def _room(
     cpus: float | None,
     used_cpus: float | None,
     unreachable: datetime | None,
+    unhealthy: datetime | None,
+    health_error: str,
 ) -> HostRoom:
     return HostRoom(
         host_id=pk,
@@ -211,6 +226,8 @@ def _room(
         cpus=cpus,
         used_cpus=float(used_cpus or 0.0),
         unreachable_since=unreachable,
+        unhealthy_since=unhealthy,
+        health_error=health_error,
     )
 
 
@@ -313,7 +330,7 @@ def why_waiting(job: ContainerJob) -> list[str]:
     """Why a waiting job has not started, one line per cause (per host where it matters)."""
     if job.status not in states.WAITING:
         return [f"not waiting: the job is {job.status}"]
-    lines = _job_lines(job)
+    lines = [*_job_lines(job), *why_lane_waits(job)]
     limit = app_settings.MAX_CONCURRENT_JOBS
     holding = ContainerJob.objects.holding_slots().count()
     if holding >= limit:
@@ -356,7 +373,10 @@ def _host_reasons(
     if not room.active:
         return ["inactive"]
     reasons = []
-    if room.unreachable_since is not None:
+    if not room.healthy:
+        since = room.unhealthy_since.isoformat() if room.unhealthy_since else "?"
+        reasons.append(f"unhealthy since {since}: {room.health_error}")
+    elif room.unreachable_since is not None:
         reasons.append(f"its daemon has not answered since {room.unreachable_since.isoformat()}")
     if room.free_slots <= 0:
         reasons.append(f"full: {room.used_slots} of {room.slots} slots taken")

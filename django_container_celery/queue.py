@@ -324,10 +324,19 @@ class JobQueueManager:
         return ContainerJob.objects.filter(status__in=wanted).order_by("-last_error_at")
 
     def retry_failed_job(self, job: ContainerJob, reset_count: bool = False) -> ContainerJob:
-        """Queue a failed job again now, optionally with a fresh retry budget."""
+        """Queue a failed job again now, optionally with a fresh retry budget.
+
+        An operator's retry is a decision taken after looking: a job that needed attention
+        no longer does, and its count of attempts without an outcome starts again.
+        """
         if job.status != Status.FAILED:
             raise InvalidTransition(job.status, Status.QUEUED, job.pk, "only failed jobs retry")
-        fields: dict[str, Any] = {"dispatched_at": None, "completed_at": None}
+        fields: dict[str, Any] = {
+            "dispatched_at": None,
+            "completed_at": None,
+            "needs_attention": False,
+            "attempts_without_outcome": 0,
+        }
         if reset_count:
             fields["retry_count"] = 0
         job.mark_as_queued(scheduled_for=None, **fields)

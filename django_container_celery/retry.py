@@ -4,6 +4,11 @@ back-off strategies it uses.
 A failure is TRANSIENT (worth retrying: the daemon or registry is briefly unreachable),
 PERMANENT (retrying cannot help: a missing image, a bad configuration) or UNKNOWN (retried
 like TRANSIENT, so an unforeseen error never loses a job that a retry would have saved).
+
+A kill for memory is never transient: the same container with the same limit runs out
+again. A container that ran and was killed is an ``End.OUT_OF_MEMORY`` ending, retried (with
+more memory) only as :func:`get_retry_decision` says; a failed launch that mentions running
+out of memory (runc's "container init was OOM-killed (memory limit too low?)") is PERMANENT.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ _BUILTIN_PERMANENT_PATTERNS: tuple[str, ...] = (
     r"executable file not found",
     r"exec format error",
     r"not in ALLOWED_BIND_MOUNTS",
+    # Killed for memory: the same limit runs out again (an API error's 5xx status would
+    # otherwise call it transient).
+    r"OOM[- ]?kill",
+    r"out of memory",
+    r"memory limit too low",
 )
 
 # An API error means the daemon answered, so these OCI runtime messages describe the job's
@@ -407,16 +417,30 @@ class RetryDecision:
     retry: bool
     delay: float = 0.0
     reason: str = ""
+    # The job is stopped for a reason an operator should look at (``needs_attention``).
+    needs_attention: bool = False
+    # Fields the retry changes on the job (its next attempt's ``memory_limit``), written
+    # in the same conditional transition that schedules the retry.
+    changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def get_retry_decision(job: ContainerJob, ending: Ending) -> RetryDecision:
     """The one place that decides whether an ended attempt is retried.
 
     Retried: a vanished container; an exit code listed in the job's ``retry_exit_codes``;
-    a launch failure its classifier does not call permanent. Never retried: success, a
+    a launch failure its classifier does not call permanent; a container killed for memory
+    when the job has a ``memory_retry_factor`` (with more memory: the decision's
+    ``changes``) or lists its exit code in ``retry_exit_codes``. Never retried: success, a
     timeout, a cancel, a job given up as unfinishable, a definition the launcher refused.
-    The job's ``max_retries`` bounds them all; its strategy sets the delay.
+    The job's ``max_retries`` bounds them all; its strategy sets the delay. Attempts that
+    end without an outcome are bounded as well by ``MAX_ATTEMPTS_WITHOUT_OUTCOME``
+    (``job.attempts_without_outcome`` counts them, this one included): a container that
+    keeps vanishing is stopped, marked as needing attention, not retried for ever.
     """
+    if ending.without_outcome:
+        stopped = _stopped_without_outcome(job, ending)
+        if stopped is not None:
+            return stopped
     if ending.kind is End.VANISHED:
         transient, why = True, ""
     elif ending.kind is End.EXITED:
@@ -425,11 +449,63 @@ def get_retry_decision(job: ContainerJob, ending: Ending) -> RetryDecision:
     elif ending.kind is End.LAUNCH_FAILED:
         kind = launch_error_type(ending)
         transient, why = kind is not ErrorType.PERMANENT, ""
+    elif ending.kind is End.OUT_OF_MEMORY:
+        return _out_of_memory(job, ending)
     else:
         return RetryDecision(False)
     if not transient:
         return RetryDecision(False)
     return within_budget(job, why)
+
+
+def _out_of_memory(job: ContainerJob, ending: Ending) -> RetryDecision:
+    """A container killed for memory: retried with ``memory_limit`` times the job's
+    ``memory_retry_factor`` (rounded up, at most ``MAX_MEMORY_MB``), or, without a factor,
+    with the same memory only if its exit code is listed in ``retry_exit_codes``."""
+    limit, factor = job.memory_limit, job.memory_retry_factor
+    if factor is None or limit is None:
+        if is_retryable_exit_code(ending.exit_code, job.retry_exit_codes or []):
+            return within_budget(job, "listed in retry_exit_codes; same memory")
+        if factor is not None:
+            return RetryDecision(False, reason="memory_retry_factor needs a memory_limit to raise")
+        return RetryDecision(False)
+    budget = within_budget(job)
+    if not budget.retry:
+        return budget
+    maximum = int(app_settings.MAX_MEMORY_MB)
+    # Rounded first so that a product like 100 * 1.1 (110.00000000000001) is not taken up.
+    raised = min(math.ceil(round(limit * factor, 6)), maximum)
+    if raised <= limit:
+        return RetryDecision(
+            False,
+            reason=f"not retried with more memory: MAX_MEMORY_MB caps it at {maximum} MiB",
+        )
+    # Imported here: placement imports the models, which this module otherwise needs
+    # only for type checking.
+    from .placement import Need, capacity_rooms, too_big
+
+    field, why = too_big(Need.of(raised, job.cpu_limit), job.docker_host_id, capacity_rooms())
+    if field:
+        return RetryDecision(False, reason=f"not retried with {raised} MiB: the job {why}")
+    return dataclasses.replace(
+        budget, reason=f"retried with {raised} MiB", changes={"memory_limit": raised}
+    )
+
+
+def _stopped_without_outcome(job: ContainerJob, ending: Ending) -> RetryDecision | None:
+    if ending.kind is End.UNFINISHABLE:
+        return RetryDecision(False, reason="needs attention", needs_attention=True)
+    limit = int(app_settings.MAX_ATTEMPTS_WITHOUT_OUTCOME)
+    if job.attempts_without_outcome < limit:
+        return None
+    return RetryDecision(
+        False,
+        reason=(
+            f"stopped: {job.attempts_without_outcome} attempts ended without an outcome "
+            f"(MAX_ATTEMPTS_WITHOUT_OUTCOME={limit}); needs attention"
+        ),
+        needs_attention=True,
+    )
 
 
 def within_budget(job: ContainerJob, why: str = "") -> RetryDecision:

@@ -41,6 +41,8 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 # overflow instead of failing validation.
 MAX_SCHEDULE_SECONDS = 3650 * 24 * 3600
 _NUL = "\x00"
+# A job may ask for at most this many times its memory on an out-of-memory retry.
+MAX_MEMORY_RETRY_FACTOR = 16.0
 
 
 def validate_no_nul(value: Any) -> None:
@@ -150,6 +152,31 @@ def validate_memory_limit(value: int | None) -> None:
             "Memory limit must be between 4 and %(max)s MiB.",
             code="invalid_memory_limit",
             params={"max": maximum},
+        )
+
+
+LANE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}", re.ASCII)
+
+
+def validate_lane_name(value: str) -> None:
+    """A lane's name: letters, digits, ``_ . : -``, starting with a letter or digit (it is
+    a metrics label and a command argument)."""
+    if value and not LANE_NAME.fullmatch(value):
+        raise ValidationError(
+            "A lane name is 1 to 100 letters, digits, '_', '.', ':' or '-', starting with a "
+            "letter or digit.",
+            code="invalid_lane",
+        )
+
+
+def validate_memory_retry_factor(value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not 1.0 < value <= MAX_MEMORY_RETRY_FACTOR:
+        raise ValidationError(
+            "The memory retry factor must be more than 1 and at most %(max)s.",
+            code="invalid_memory_retry_factor",
+            params={"max": MAX_MEMORY_RETRY_FACTOR},
         )
 
 

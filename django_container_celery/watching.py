@@ -31,6 +31,7 @@ signal.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -52,9 +53,8 @@ from django.db import (
     transaction,
 )
 from django.db.models import Q
-from django.db.models.functions import Now
 
-from . import claims, following, states
+from . import claims, following, health, states
 from .conf import app_settings
 from .exceptions import ExecutorError, InvalidTransition, TransitionConflict
 from .executors import executor_for
@@ -79,6 +79,10 @@ KILLED_EXIT_CODE = 137
 KILLED_SETTLE_SECONDS = 1.0
 # Pause between looks at an exit reported while its job is still launching.
 LAUNCHING_RECHECK_EVERY = 0.5
+# Containers (by name) whose ``oom`` event a watcher remembers, newest kept: the event
+# comes just before the container's ``die``, and some daemons (cgroup v2) do not set
+# State.OOMKilled. Names are per attempt, so an old entry never marks a later attempt.
+OOM_MEMORY = 1024
 # Pause before reopening a broken event stream; doubled up to the maximum while it fails.
 STREAM_RETRY_SECONDS = 1.0
 STREAM_RETRY_MAX_SECONDS = 30.0
@@ -226,13 +230,13 @@ def reconcile(
     # Listed after the jobs were read: a job read as running has its container already.
     try:
         listed = executor.list_job_containers()
-    except ExecutorError:
+    except ExecutorError as exc:
         # The daemon does not answer: its running jobs stay running until it does (they
         # may still run there, so they are never relaunched elsewhere meanwhile).
         logger.info("reconcile: %s does not answer; its jobs stay as they are", executor)
-        _mark_reachable(target, False)
+        _mark_reachable(target, exc)
         return done
-    _mark_reachable(target, True)
+    _mark_reachable(target, None)
     now = database_now()
     # Liveness goes by name over every listed container, labelled with our installation
     # or not: a job started before containers carried the label is followed like any
@@ -274,16 +278,15 @@ def _adopt_in_background(job: ContainerJob, executor: Executor) -> None:
     threading.Thread(target=run, name="dcc-watcher-launch", daemon=True).start()
 
 
-def _mark_reachable(target: Target, reachable: bool) -> None:
-    """Keep ``ExecutorHost.unreachable_since`` (shown in the admin) in step with the
-    daemon: set when it first fails to answer, cleared when it answers again."""
+def _mark_reachable(target: Target, error: ExecutorError | None) -> None:
+    """Record the listing's result as the host's health (``health.py``): this pass is the
+    probe that marks a failing host unhealthy and brings it back once it answers."""
     if target is None:
         return
-    hosts = ExecutorHost.objects.filter(pk=target)
-    if reachable:
-        hosts.filter(unreachable_since__isnull=False).update(unreachable_since=None)
-    else:
-        hosts.filter(unreachable_since__isnull=True).update(unreachable_since=Now())
+    if error is not None and not health.daemon_did_not_answer(error):
+        # The daemon answered with an error: not a lost host, but not a success either.
+        return
+    health.record(target, error)
 
 
 def _release_stopped(target: Target, executor: Executor, remove: Remover | None = None) -> int:
@@ -476,6 +479,8 @@ class Watcher:
         self._leads: dict[Target, _Lead] = {}
         self._rechecks: dict[tuple[str, int], tuple[Target, float, int | None]] = {}
         self._recheck_after: dict[tuple[str, int], float] = {}
+        # Names of containers an ``oom`` event was seen for (see OOM_MEMORY).
+        self._oom_seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._removals: queue.Queue[tuple[Executor, str] | None] = queue.Queue()
         self._removing: set[str] = set()
         self._removing_lock = threading.Lock()
@@ -656,6 +661,8 @@ class Watcher:
             lead = self._leads.get(target)
             if lead is None:
                 continue
+            if event.action == "oom":
+                self._remember_oom(event.name)
             code = event.exit_code if event.action == "die" else None
             if code == KILLED_EXIT_CODE:
                 # ``docker rm -f`` kills before it removes: look again in a moment, when a
@@ -670,6 +677,14 @@ class Watcher:
                 )
                 continue
             self._look_at(lead, event.job_id, event.attempt, code)
+
+    def _remember_oom(self, name: str) -> None:
+        if not name:
+            return
+        self._oom_seen[name] = None
+        self._oom_seen.move_to_end(name)
+        while len(self._oom_seen) > OOM_MEMORY:
+            self._oom_seen.popitem(last=False)
 
     def _look_at(
         self, lead: _Lead, job_id: str, attempt: int, exit_code: int | None = None
@@ -697,14 +712,18 @@ class Watcher:
             self._recheck_after[(job_id, attempt)] = now + LAUNCHING_RECHECK_EVERY
             return
         self._rechecks.pop((job_id, attempt), None)
+        oom = job.container_name in self._oom_seen
         with contextlib.suppress(TransitionConflict):  # someone else ended it first
             if exit_code is None:
-                _isolated(job, following.check, job, lead.executor, self._remove_later)
+                check = following.check
+                _isolated(job, check, job, lead.executor, self._remove_later, None, oom)
             else:
-                _isolated(job, self._finish_exited, job, lead.executor, exit_code)
+                _isolated(job, self._finish_exited, job, lead.executor, exit_code, oom)
 
-    def _finish_exited(self, job: ContainerJob, executor: Executor, exit_code: int) -> bool:
-        return finish(job, executor, exit_code, remove=self._remove_later)
+    def _finish_exited(
+        self, job: ContainerJob, executor: Executor, exit_code: int, oom: bool = False
+    ) -> bool:
+        return finish(job, executor, exit_code, out_of_memory=oom, remove=self._remove_later)
 
     def _handle_rechecks(self) -> None:
         now = time.monotonic()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: makes sure Docker answers and the job image exists, then
 # runs the example project's `run_demo` command, which starts a Celery worker and beat,
-# runs a mixed batch of container jobs, prints a summary and stops what it started.
+# runs a mixed batch of container jobs, then more containers than worker processes, then a
+# lane with a limit that it pauses and resumes while its jobs wait, prints a summary of each
+# and stops what it started.
 #
 # Environment (defaults):
 #   PYTHON             .venv/bin/python (with the package installed: pip install -e '.[dev]')

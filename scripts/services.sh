@@ -2,14 +2,17 @@
 # Make sure the real services the test suite needs are answering, installing
 # (Debian packages) and starting them when needed.  No systemd is assumed.
 #
-#   bash scripts/services.sh all        postgres, redis, docker, image, browser (in order)
-#   bash scripts/services.sh postgres | redis | docker | image | browser
-#   bash scripts/services.sh status     one line per service; non-zero if any is down
+#   bash scripts/services.sh all           postgres, redis, docker, image, docker2, browser,
+#                                          faketime (in order)
+#   bash scripts/services.sh postgres | redis | docker | image | docker2 | browser | faketime
+#   bash scripts/services.sh stop-docker2  stops the second daemon (its containers run on)
+#   bash scripts/services.sh status        one line per service; non-zero if any is down
 #
 # Environment (defaults):
 #   DATABASE_URL      postgres://dcc:dcc@127.0.0.1:5432/dcc   (sqlite... skips postgres)
 #   CELERY_BROKER_URL redis://127.0.0.1:6379/0
 #   DOCKER_HOST       unix:///var/run/docker.sock
+#   DCC_DOCKER2_HOST  unix:///var/run/dcc-docker2.sock       (the second daemon)
 #   DCC_TEST_IMAGE    dcc-test-busybox:latest
 #
 # Docker notes:
@@ -27,20 +30,39 @@
 #     (other dockerd builds may refuse the missing bridge network).
 #   * The test image is built without any registry: a static busybox in an
 #     otherwise empty root filesystem, imported with `docker import`.
+#   * docker2 is a second dockerd beside the first, for the tests where hosts
+#     matter (one host failing while another serves): its own socket
+#     (DCC_DOCKER2_HOST), data root /var/lib/dcc-docker2, exec root
+#     /var/run/dcc-docker2 (where it starts its own containerd) and pid file
+#     /var/run/dcc-docker2.pid, the first daemon's flags plus --live-restore, and
+#     its own copy of the test image (images are per daemon). `stop-docker2`
+#     signals only the PID in that pid file and waits for it to exit.
+#     Checked on Debian 12 with docker.io 20.10.24: each daemon starts its own
+#     containerd under its exec root, both run `--network none` containers at the
+#     same time, and a container started on docker2 runs on through
+#     `stop-docker2` and `docker2` (started once, exit code kept).
 #
-# Logs: /tmp/dcc-dockerd.log, /tmp/dcc-redis-PORT.log, /tmp/dcc-apt.log,
+# Logs: /tmp/dcc-dockerd.log, /tmp/dcc-dockerd2.log (both appended to at each start),
+#       /tmp/dcc-redis-PORT.log, /tmp/dcc-apt.log,
 #       /var/log/postgresql/postgresql-VERSION-CLUSTER.log
 set -euo pipefail
 
 DATABASE_URL="${DATABASE_URL:-postgres://dcc:dcc@127.0.0.1:5432/dcc}"
 CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://127.0.0.1:6379/0}"
 DOCKER_HOST="${DOCKER_HOST:-unix:///var/run/docker.sock}"
+DCC_DOCKER2_HOST="${DCC_DOCKER2_HOST:-unix:///var/run/dcc-docker2.sock}"
 DCC_TEST_IMAGE="${DCC_TEST_IMAGE:-dcc-test-busybox:latest}"
 export DOCKER_HOST
 
 # Debian's docker client; overridable only to exercise the curl fallback.
 DOCKER_CLI="${DCC_DOCKER_CLI:-/usr/bin/docker}"
 DOCKERD_LOG=/tmp/dcc-dockerd.log
+# Both daemons: no iptables here, hence no bridge network either.
+DOCKERD_FLAGS=(--iptables=false --ip6tables=false --bridge=none --storage-driver=vfs)
+DOCKERD2_LOG=/tmp/dcc-dockerd2.log
+DOCKERD2_PIDFILE=/var/run/dcc-docker2.pid
+DOCKERD2_DATA_ROOT=/var/lib/dcc-docker2
+DOCKERD2_EXEC_ROOT=/var/run/dcc-docker2
 APT_LOG=/tmp/dcc-apt.log
 LOCK_FILE=/tmp/dcc-services.lock
 # Bump when the root filesystem below changes: images built by an older
@@ -358,11 +380,37 @@ proc_alive() {
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
+# dockerd_running_pid [PIDFILE]  prints the PID of the live dockerd the pid file names
 dockerd_running_pid() {
-    local pid
-    pid="$(cat /var/run/docker.pid 2>/dev/null)" || return 1
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] \
-        && echo "$pid"
+    local pidfile="${1:-/var/run/docker.pid}" pid
+    pid="$(cat "$pidfile" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && proc_alive "$pid" \
+        && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] && echo "$pid"
+}
+
+# dockerd_start SERVICE PIDFILE LOGFILE [DOCKERD ARG...]
+# Reuses the dockerd the pid file names if it runs, else starts one with the given
+# arguments and DOCKERD_FLAGS; then waits until DOCKER_HOST answers a ping.
+dockerd_start() {
+    local service="$1" pidfile="$2" logfile="$3" pid
+    shift 3
+    if pid="$(dockerd_running_pid "$pidfile")"; then
+        log "$service: dockerd already running (pid $pid), waiting for it"
+    else
+        log "$service: starting dockerd (log $logfile)"
+        printf '\n---- services: dockerd started %s ----\n' "$(date -u +%FT%TZ)" >>"$logfile"
+        setsid /usr/sbin/dockerd "$@" "${DOCKERD_FLAGS[@]}" >>"$logfile" 2>&1 </dev/null 9>&- &
+        pid=$!
+    fi
+    for _ in $(seq 1 120); do
+        if dk_ping; then
+            log "$service: answering on $DOCKER_HOST"
+            return 0
+        fi
+        proc_alive "$pid" || fail "$service" "dockerd (pid $pid) exited during startup" "$logfile"
+        sleep 0.5
+    done
+    fail "$service" "dockerd (pid $pid) started but $DOCKER_SOCK gives no successful ping after 60 s" "$logfile"
 }
 
 ensure_docker() {
@@ -380,26 +428,9 @@ ensure_docker() {
     [ -x /usr/sbin/dockerd ] || fail docker "/usr/sbin/dockerd is still missing after installing docker.io"
     if ! have_cli && ! command -v curl >/dev/null; then apt_install docker curl; fi
 
-    local pid
-    if pid="$(dockerd_running_pid)"; then
-        log "docker: dockerd already running (pid $pid), waiting for it"
-    else
-        log "docker: starting dockerd (log $DOCKERD_LOG)"
-        local host_args=()
-        [ "$DOCKER_SOCK" = /var/run/docker.sock ] || host_args=(-H "$DOCKER_HOST")
-        setsid /usr/sbin/dockerd "${host_args[@]}" --iptables=false --ip6tables=false --bridge=none \
-            --storage-driver=vfs >"$DOCKERD_LOG" 2>&1 </dev/null 9>&- &
-        pid=$!
-    fi
-    for _ in $(seq 1 120); do
-        if dk_ping; then
-            log "docker: answering on $DOCKER_HOST"
-            return 0
-        fi
-        proc_alive "$pid" || fail docker "dockerd (pid $pid) exited during startup" "$DOCKERD_LOG"
-        sleep 0.5
-    done
-    fail docker "dockerd (pid $pid) started but $DOCKER_SOCK gives no successful ping after 60 s" "$DOCKERD_LOG"
+    local host_args=()
+    [ "$DOCKER_SOCK" = /var/run/docker.sock ] || host_args=(-H "$DOCKER_HOST")
+    dockerd_start docker /var/run/docker.pid "$DOCKERD_LOG" "${host_args[@]}"
 }
 
 status_docker() {
@@ -458,7 +489,7 @@ image_build() {
         || fail image "could not pack the root filesystem"
 
     local changes=('CMD ["/bin/sh"]' 'ENV PATH=/bin' "LABEL $IMAGE_LABEL=$IMAGE_RECIPE_VERSION")
-    log "image: importing $DCC_TEST_IMAGE (static busybox, no registry)"
+    log "image: importing $DCC_TEST_IMAGE into $DOCKER_HOST (static busybox, no registry)"
     if have_cli; then
         "$DOCKER_CLI" import --change "${changes[0]}" --change "${changes[1]}" --change "${changes[2]}" \
             - "$DCC_TEST_IMAGE" <"$tarball" >"$tmp/import.log" 2>&1 \
@@ -509,20 +540,26 @@ print(json.dumps({"Image": sys.argv[1], "Cmd": ["sh", "-c", "echo ok"], "Tty": T
     [ "$out" = ok ] || fail image "smoke run of $DCC_TEST_IMAGE printed '$out' instead of 'ok'" "$DOCKERD_LOG"
 }
 
-ensure_image() {
-    dk_parse
-    dk_ping || ensure_docker
-    local label
+# image_ensure SERVICE  imports the test image into the daemon at DOCKER_HOST when it is
+# absent or built by an older recipe, and runs it once.
+image_ensure() {
+    local service="$1" label
     if label="$(image_label)"; then
         if [ -z "$label" ] || [ "$label" = "$IMAGE_RECIPE_VERSION" ]; then
-            log "image: $DCC_TEST_IMAGE present"
+            log "$service: $DCC_TEST_IMAGE present"
             return 0
         fi
-        log "image: $DCC_TEST_IMAGE was built by an older recipe ($label), rebuilding"
+        log "$service: $DCC_TEST_IMAGE was built by an older recipe ($label), rebuilding"
     fi
     image_build
     image_smoke
-    log "image: $DCC_TEST_IMAGE built and runs (network none)"
+    log "$service: $DCC_TEST_IMAGE built and runs on $DOCKER_HOST (network none)"
+}
+
+ensure_image() {
+    dk_parse
+    dk_ping || ensure_docker
+    image_ensure image
 }
 
 status_image() {
@@ -532,6 +569,88 @@ status_image() {
     log "image: DOWN ($DCC_TEST_IMAGE not present)"
     return 1
 }
+
+# ------------------------------------------------------------ docker2 ------
+# A second dockerd beside the first (see the header). --live-restore keeps its
+# containers running while it is stopped, as on a production host whose daemon
+# restarts: a test stops it under running jobs and starts it again.
+
+# on_docker2 FUNCTION [ARG...]  runs FUNCTION in a subshell where DOCKER_HOST,
+# DOCKER_SOCK and DOCKERD_LOG name the second daemon (the docker and image helpers
+# above then act on it).
+on_docker2() {
+    (
+        DOCKER_HOST="$DCC_DOCKER2_HOST"
+        DOCKERD_LOG="$DOCKERD2_LOG"
+        export DOCKER_HOST
+        dk_parse
+        "$@"
+    )
+}
+
+docker2_check_host() {
+    case "$DCC_DOCKER2_HOST" in
+        unix://?*) ;;
+        *) fail docker2 "DCC_DOCKER2_HOST must be a unix:// socket (got '$DCC_DOCKER2_HOST')" ;;
+    esac
+    [ "$DCC_DOCKER2_HOST" != "$DOCKER_HOST" ] \
+        || fail docker2 "DCC_DOCKER2_HOST and DOCKER_HOST are the same socket ($DOCKER_HOST)"
+}
+
+docker2_start() {
+    if dk_ping; then
+        log "docker2: answering on $DOCKER_HOST"
+    else
+        is_root || fail docker2 "nothing answers on $DOCKER_SOCK and not running as root (cannot start dockerd)"
+        [ -x /usr/sbin/dockerd ] || apt_install docker2 docker.io
+        [ -x /usr/sbin/dockerd ] || fail docker2 "/usr/sbin/dockerd is still missing after installing docker.io"
+        if ! have_cli && ! command -v curl >/dev/null; then apt_install docker2 curl; fi
+        # Its own exec root also gives it its own containerd (started under it), so
+        # the two daemons share no state; without iptables and a bridge they share no
+        # network setup either.
+        dockerd_start docker2 "$DOCKERD2_PIDFILE" "$DOCKERD2_LOG" -H "$DOCKER_HOST" \
+            --data-root "$DOCKERD2_DATA_ROOT" --exec-root "$DOCKERD2_EXEC_ROOT" \
+            --pidfile "$DOCKERD2_PIDFILE" --live-restore
+    fi
+    image_ensure docker2
+}
+
+ensure_docker2() {
+    docker2_check_host
+    on_docker2 docker2_start
+}
+
+stop_docker2() {
+    local pid
+    if ! pid="$(dockerd_running_pid "$DOCKERD2_PIDFILE")"; then
+        log "docker2: not running (no live dockerd in $DOCKERD2_PIDFILE)"
+        return 0
+    fi
+    log "docker2: stopping dockerd (pid $pid); its containers keep running (live-restore)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 120); do
+        if ! proc_alive "$pid" || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != dockerd ]; then
+            log "docker2: stopped"
+            return 0
+        fi
+        sleep 0.5
+    done
+    fail docker2 "dockerd (pid $pid) is still running 60 s after SIGTERM" "$DOCKERD2_LOG"
+}
+
+docker2_status() {
+    if ! dk_ping; then
+        log "docker2: DOWN (no answer on $DOCKER_HOST)"
+        return 1
+    fi
+    if ! image_label >/dev/null; then
+        log "docker2: DOWN (answers on $DOCKER_HOST but $DCC_TEST_IMAGE is not present)"
+        return 1
+    fi
+    log "docker2: answering on $DOCKER_HOST ($DCC_TEST_IMAGE present)"
+}
+
+status_docker2() { on_docker2 docker2_status; }
 
 # ------------------------------------------------------------- browser ------
 # The admin's end-to-end test drives Debian's Chromium through Playwright; no browser
@@ -573,7 +692,8 @@ status_faketime() {
 
 # --------------------------------------------------------------- main ------
 usage() {
-    echo "usage: bash scripts/services.sh {all|postgres|redis|docker|image|browser|faketime|status}" >&2
+    echo "usage: bash scripts/services.sh" \
+        "{all|postgres|redis|docker|image|docker2|stop-docker2|browser|faketime|status}" >&2
     exit 2
 }
 
@@ -590,19 +710,26 @@ command -v python3 >/dev/null || fail services "python3 is needed to parse the s
 cmd="${1:-}"
 [ "$#" -le 1 ] || usage
 case "$cmd" in
-    all) take_lock; ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_browser; ensure_faketime ;;
+    all)
+        take_lock
+        ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_docker2
+        ensure_browser; ensure_faketime
+        ;;
     browser) take_lock; ensure_browser ;;
     faketime) take_lock; ensure_faketime ;;
     postgres) take_lock; ensure_postgres ;;
     redis) take_lock; ensure_redis ;;
     docker) take_lock; ensure_docker ;;
     image) take_lock; ensure_image ;;
+    docker2) take_lock; ensure_docker2 ;;
+    stop-docker2) take_lock; stop_docker2 ;;
     status)
         rc=0
         status_postgres || rc=1
         status_redis || rc=1
         status_docker || rc=1
         status_image || rc=1
+        status_docker2 || rc=1
         status_browser || rc=1
         status_faketime || rc=1
         exit "$rc"

@@ -1,14 +1,22 @@
 """A second Docker daemon beside the main one, for tests where hosts matter.
 
-It has its own socket, data root, exec root and pid file, runs with ``--live-restore`` (so
-its containers survive while it is stopped, as on a production host whose daemon
-restarts), and gets the test image copied from the main daemon (images are per daemon).
-Only the dockerd started here is ever signalled, by its PID.
+Two kinds:
+
+* ``SecondDaemon`` / ``second_daemon``: one a test starts itself, in temporary folders. It
+  has its own socket, data root, exec root and pid file, runs with ``--live-restore`` (so
+  its containers survive while it is stopped, as on a production host whose daemon
+  restarts), and gets the test image copied from the main daemon (images are per daemon).
+  Only the dockerd started here is ever signalled, by its PID.
+* The one ``scripts/services.sh docker2`` starts (``make test`` runs it), with the same
+  flags, at ``DCC_DOCKER2_HOST``: ``services_second_daemon`` checks it answers, and
+  ``stop_second_daemon`` / ``start_second_daemon`` stop and start it through that script,
+  which signals only the PID in its own pid file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -19,8 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
+import pytest
 
 DOCKERD = "/usr/sbin/dockerd"
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ROOT / "scripts" / "services.sh"
+# The second daemon's socket: services.sh reads the same variable, with the same default.
+SECOND_DAEMON_URL = os.environ.get("DCC_DOCKER2_HOST", "unix:///var/run/dcc-docker2.sock")
+SECOND_DAEMON_LOG = Path("/tmp/dcc-dockerd2.log")
 
 
 class SecondDaemon:
@@ -123,3 +138,75 @@ def second_daemon(image: str, main: Any) -> Iterator[SecondDaemon]:
         daemon.stop()
         daemon.unmount()
         shutil.rmtree(daemon.dir, ignore_errors=True)
+
+
+# -- the second daemon of scripts/services.sh ------------------------------------------------
+
+
+def _second_daemon_problem(image: str | None) -> str:
+    """Why the services' second daemon is not usable ("" when it is)."""
+    try:
+        # The client asks the daemon for its API version as it is made.
+        client = docker.DockerClient(base_url=SECOND_DAEMON_URL, timeout=10)
+        with contextlib.closing(client):
+            client.ping()
+            if image is not None:
+                try:
+                    client.images.get(image)
+                except docker.errors.ImageNotFound:
+                    return f"it answers but has no {image}"
+    except Exception as exc:  # any failure means the daemon is not usable
+        return f"it does not answer ({exc})"
+    return ""
+
+
+def services_second_daemon(image: str | None = None) -> str:
+    """The URL of the second daemon ``bash scripts/services.sh docker2`` starts, once it
+    answers (and holds ``image``, if given). The test fails, never skips, otherwise."""
+    problem = _second_daemon_problem(image)
+    if problem:
+        pytest.fail(
+            f"The second Docker daemon at {SECOND_DAEMON_URL}: {problem}. "
+            "Run `bash scripts/services.sh docker2` (`make test` does).",
+            pytrace=False,
+        )
+    return SECOND_DAEMON_URL
+
+
+def second_daemon_log_tail(lines: int = 30) -> str:
+    try:
+        return "\n".join(SECOND_DAEMON_LOG.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _services(step: str) -> str:
+    env = dict(os.environ, DCC_DOCKER2_HOST=SECOND_DAEMON_URL)
+    done = subprocess.run(
+        ["bash", str(SERVICES), step],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    if done.returncode != 0:
+        raise AssertionError(
+            f"bash scripts/services.sh {step} failed (exit {done.returncode}):\n{output}"
+        )
+    return output
+
+
+def stop_second_daemon() -> None:
+    """Stop the services' second daemon (``bash scripts/services.sh stop-docker2``: SIGTERM
+    to the PID in its pid file, waiting until it has exited). With live-restore its
+    containers run on."""
+    _services("stop-docker2")
+
+
+def start_second_daemon() -> str:
+    """Start the services' second daemon again (``bash scripts/services.sh docker2``, which
+    returns once it answers); its URL."""
+    _services("docker2")
+    return services_second_daemon()

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from django_container_celery.models import ContainerJob
@@ -66,3 +67,7 @@ class ContainerEvents:
                 running.discard(container)
             most = max(most, len(running))
         return most
+
+    def most_running_at_once_by(self, groups: Mapping[str, list[ContainerJob]]) -> dict[str, int]:
+        """For each group of jobs (a lane, say), most of its containers running at once."""
+        return {name: self.most_running_at_once(jobs) for name, jobs in groups.items()}

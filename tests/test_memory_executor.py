@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -74,6 +75,47 @@ def test_stop_kills_with_137_and_remove_deletes() -> None:
     assert executor.inspect("dcc-job-1-a1") is None
     assert executor.stopped == ["dcc-job-1-a1", "dcc-job-1-a1"]
     assert executor.removed == ["dcc-job-1-a1"]
+
+
+def test_a_run_needing_more_memory_than_its_limit_is_killed_for_it() -> None:
+    executor = MemoryExecutor(lambda spec: FakeRun(memory_mb=24, exit_code=3))
+    stream = executor.events()
+    events: list[Any] = []
+    reader = threading.Thread(target=lambda: events.extend(stream), daemon=True)
+    reader.start()
+    small = dataclasses.replace(spec_for("small"), memory_mb=16)
+    roomy = dataclasses.replace(spec_for("roomy"), memory_mb=32)
+    unlimited = spec_for("unlimited")
+    for spec in (small, roomy, unlimited):
+        executor.start(spec)
+    states = {spec.name: executor.inspect(spec.name) for spec in (small, roomy, unlimited)}
+    assert {name: (s.exit_code, s.oom_killed) for name, s in states.items() if s} == {
+        small.name: (137, True),
+        roomy.name: (3, False),
+        unlimited.name: (3, False),
+    }
+    time.sleep(0.2)
+    stream.close()
+    reader.join(2)
+    seen = [(e.action, e.name) for e in events]
+    # Docker's order: the kernel's kill, then the container's exit.
+    assert seen.index(("oom", small.name)) + 1 == seen.index(("die", small.name))
+    assert {name for action, name in seen if action == "oom"} == {small.name}
+
+
+def test_kill_for_memory_ends_a_running_container() -> None:
+    executor = MemoryExecutor(lambda spec: FakeRun(runs_for=float("inf")))
+    executor.start(spec_for())
+    executor.kill_for_memory("dcc-job-1-a1")
+    assert executor.wait("dcc-job-1-a1", timeout=1) == 137
+    state = executor.inspect("dcc-job-1-a1")
+    assert state is not None and (state.running, state.oom_killed) == (False, True)
+    executor.start(spec_for(attempt=2))
+    executor.stop("dcc-job-1-a2")
+    stopped = executor.inspect("dcc-job-1-a2")
+    assert stopped is not None and (stopped.exit_code, stopped.oom_killed) == (137, False)
+    with pytest.raises(KeyError):
+        executor.kill_for_memory("nope")
 
 
 def test_vanish_fails_a_waiter() -> None:

@@ -123,7 +123,11 @@ def put_mix() -> Mix:
         name="metrics-a", max_concurrent_jobs=4, memory_capacity_mb=2048, cpu_capacity=4.0
     )
     b = ExecutorHost.objects.create(
-        name="metrics-b", max_concurrent_jobs=2, is_active=False, unreachable_since=now
+        name="metrics-b",
+        max_concurrent_jobs=2,
+        is_active=False,
+        unreachable_since=now,
+        unhealthy_since=now,
     )
 
     def attempt(
@@ -332,6 +336,7 @@ def test_scrape_reports_the_mix(django_user_model: Any, made: list[Any], test_im
         "dcc_host_cpu_capacity": {"metrics-a": 4.0},
         "dcc_host_active": {"metrics-a": 1, "metrics-b": 0},
         "dcc_host_reachable": {"metrics-a": 1, "metrics-b": 0},
+        "dcc_host_healthy": {"metrics-a": 1, "metrics-b": 0},
     }
     for name, expected in hosts.items():
         got = {dict(labels)["host"]: v for labels, v in family(samples, name).items()}

@@ -111,6 +111,17 @@ def chained(outer: BaseException, inner: BaseException) -> BaseException:
         pytest.param(api_error(500, "invalid reference format"), P, id="500-reference"),
         pytest.param(api_error(500, "write /sys/fs/cgroup: invalid argument"), P, id="500-einval"),
         pytest.param(api_error(503, "toomanyrequests: rate limit"), T, id="503-rate-limit"),
+        # runc's words for a container whose limit is too low to even start: the same
+        # limit fails again, whatever the server-error status says.
+        pytest.param(
+            api_error(
+                500,
+                "OCI runtime start failed: starting container process caused: "
+                "container init was OOM-killed (memory limit too low?): unknown",
+            ),
+            P,
+            id="500-oom-killed-init",
+        ),
         # No response: nothing to go on but the message.
         pytest.param(api_error(None, "nothing known"), U, id="no-status"),
         pytest.param(api_error(None, "connection refused"), T, id="no-status-message"),
@@ -240,6 +251,11 @@ def test_broken_str_does_not_crash() -> None:
         "sh: foo: command not found",
         'exec: "foo": executable file not found in $PATH',
         "host path '/etc' is not in ALLOWED_BIND_MOUNTS",
+        # A kill for memory is never a passing daemon hiccup.
+        "container was OOMKilled",
+        "OOM-killed at its memory limit",
+        "out of memory: the container was killed at its 16 MiB memory limit (exit code 137)",
+        "Out of memory: Killed process 4242 (sh); server error",
         # Permanent patterns are checked first.
         "permission denied while reading; connection timed out",
     ],

@@ -11,9 +11,13 @@ from django.utils import timezone
 
 from .. import placement
 from ..hosts import cpu_use, memory_use
-from ..models import ContainerJob, ExecutorHost
+from ..models import ContainerJob, ExecutorHost, Lane
 from ..queue import queue_manager
 from ..states import Status
+from .filters import NEEDS_ATTENTION_Q
+
+# The dashboard names this many paused lanes; the lane list has them all.
+PAUSED_LANES_SHOWN = 10
 
 
 def with_load(hosts: QuerySet[ExecutorHost]) -> QuerySet[ExecutorHost]:
@@ -82,6 +86,11 @@ def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
         .only("pk", "name", "docker_image", "queued_at", "scheduled_for", "status", "priority")
         .first()
     )
+    paused = list(
+        Lane.objects.filter(is_paused=True)
+        .order_by("paused_at", "name")
+        .only("pk", "name", "paused_at", "paused_by")[: PAUSED_LANES_SHOWN + 1]
+    )
     return {
         "stats": stats,
         "hosts": hosts,
@@ -91,4 +100,7 @@ def dashboard_data(now: datetime | None = None) -> dict[str, Any]:
         "oldest": oldest,
         "oldest_waiting_for": (now - oldest.queued_at) if oldest and oldest.queued_at else None,
         "now": now,
+        "needs_attention": ContainerJob.objects.filter(NEEDS_ATTENTION_Q).count(),
+        "paused_lanes": paused[:PAUSED_LANES_SHOWN],
+        "more_paused_lanes": len(paused) > PAUSED_LANES_SHOWN,
     }

@@ -1,7 +1,10 @@
-"""The job list's filters: queue status, priority band and host.
+"""The job list's filters (queue status, priority band, host, lane, needing attention) and
+the host list's (health).
 
-Every filter is one indexed condition, so a filtered list of hundreds of thousands of jobs
-costs no more than its page.
+Every filter is one condition on the row. The queue status, priority and host filters
+are served by indexes, so a filtered list of hundreds of thousands of jobs costs no more
+than its page; the lane filter reads the list newest first until its page is full, and
+the attention filter reads failed jobs only.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib import admin
-from django.db.models import Q, QuerySet
+from django.db.models import CharField, F, Q, QuerySet, Value
+from django.db.models.functions import Cast
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .. import states
-from ..models import PRIORITY_HIGH, PRIORITY_LOW, ExecutorHost
+from ..models import PRIORITY_HIGH, PRIORITY_LOW, ExecutorHost, Lane
 from ..states import Status
 
 QUEUE_STATUS_CHOICES: list[tuple[str, Any]] = [
@@ -97,6 +101,36 @@ class PriorityBandFilter(admin.SimpleListFilter):
         return queryset.none() if band is None else queryset.filter(band[1])
 
 
+def filter_choices(request: HttpRequest) -> dict[str, list[tuple[str, str]]]:
+    """The host and lane filters' choices, (value, label) by name, read in one query per
+    request: the list's page must not cost a query more for each filter offered."""
+    kept: dict[str, list[tuple[str, str]]] | None = getattr(request, "_dcc_choices", None)
+    if kept is not None:
+        return kept
+    text = CharField()
+    # Three annotations named and ordered alike on both sides: Django 4.2 selects
+    # annotations in the order they were added, whatever values_list() asks.
+    hosts = (
+        ExecutorHost.objects.order_by()
+        .annotate(
+            kind=Value("host", output_field=text),
+            value=Cast("pk", output_field=text),
+            label=F("name"),
+        )
+        .values_list("kind", "value", "label")
+    )
+    lanes = (
+        Lane.objects.order_by()
+        .annotate(kind=Value("lane", output_field=text), value=F("name"), label=F("name"))
+        .values_list("kind", "value", "label")
+    )
+    kept = {"host": [], "lane": []}
+    for kind, value, label in sorted(hosts.union(lanes, all=True), key=lambda row: row[2]):
+        kept[kind].append((value, label))
+    request._dcc_choices = kept  # type: ignore[attr-defined]
+    return kept
+
+
 class HostFilter(admin.SimpleListFilter):
     """The host a job runs on: the one assigned to its attempt, or the one it is pinned to."""
 
@@ -104,8 +138,7 @@ class HostFilter(admin.SimpleListFilter):
     parameter_name = "host"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
-        hosts = [(str(pk), name) for pk, name in ExecutorHost.objects.values_list("pk", "name")]
-        return [*hosts, ("none", _("No host (default Docker)"))]
+        return [*filter_choices(request)["host"], ("none", _("No host (default Docker)"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()
@@ -116,3 +149,73 @@ class HostFilter(admin.SimpleListFilter):
         if not value.isdigit():
             return queryset.none()
         return queryset.filter(Q(assigned_host_id=value) | Q(docker_host_id=value))
+
+
+# Not a lane name: those start with a letter or a digit (validators.validate_lane_name).
+NO_LANE = "_none"
+
+
+class LaneFilter(admin.SimpleListFilter):
+    title = _("lane")
+    parameter_name = "lane"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        lanes = filter_choices(request)["lane"]
+        # Without lanes, the filter would only offer "No lane": it is left out.
+        return [*lanes, (NO_LANE, _("No lane"))] if lanes else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        return queryset.filter(lane="" if value == NO_LANE else value)
+
+
+# Only failed jobs need attention (a retry clears the mark): the condition on status lets
+# the status index serve the filter and the dashboard's count.
+NEEDS_ATTENTION_Q = Q(status=Status.FAILED, needs_attention=True)
+
+
+class NeedsAttentionFilter(admin.SimpleListFilter):
+    title = _("needs attention")
+    parameter_name = "needs_attention"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("yes", _("Needs attention"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        return queryset.filter(NEEDS_ATTENTION_Q) if value == "yes" else queryset.none()
+
+
+HOST_HEALTH: dict[str, tuple[Any, Q]] = {
+    "healthy": (
+        _("Healthy"),
+        Q(unhealthy_since__isnull=True, failures_in_row=0, unreachable_since__isnull=True),
+    ),
+    "failing": (
+        _("Failing"),
+        Q(unhealthy_since__isnull=True)
+        & (Q(failures_in_row__gt=0) | Q(unreachable_since__isnull=False)),
+    ),
+    "unhealthy": (_("Unhealthy"), Q(unhealthy_since__isnull=False)),
+}
+
+
+class HostHealthFilter(admin.SimpleListFilter):
+    """The three states the host list's Health column shows."""
+
+    title = _("health")
+    parameter_name = "health"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(key, label) for key, (label, _q) in HOST_HEALTH.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        state = HOST_HEALTH.get(value)
+        return queryset.none() if state is None else queryset.filter(state[1])

@@ -1,9 +1,15 @@
-"""Executor hosts in the admin: health, load and capacity, and asking their daemons."""
+"""Executor hosts in the admin: health, load and capacity, and asking their daemons.
+
+The list reads everything it shows in a fixed number of queries, whatever the number of
+hosts: health is on the host rows, the slot count is a subquery of the list's own query,
+and memory and CPU use come from one read of every host's room.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent import futures
+from datetime import datetime
 from typing import Any, TypeVar
 
 from django.contrib import admin, messages
@@ -11,18 +17,18 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
-from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
-from .. import placement
+from .. import health, placement
 from ..exceptions import ExecutorError
 from ..executors import executor_for
 from ..hosts import cpu_use, memory_use, read_capacity, write_capacity
 from ..models import ExecutorHost
 from .common import CSS, ActionPermissionMixin
 from .dashboard import with_load
+from .filters import HostHealthFilter
 
 # Seconds the admin waits for daemons to answer a check; a host that is down must not
 # hold the operator's page for the Docker client's full timeout.
@@ -71,22 +77,27 @@ def ping_hosts(
     return [(host, error) for host, _answer, error in ask_hosts(hosts, ping, timeout)]
 
 
+def _local(moment: datetime) -> str:
+    # Short, as the job list writes times: the column must not push the list sideways.
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M")
+
+
 @admin.register(ExecutorHost)
 class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
     list_display = (
         "name",
         "connection_string",
         "is_active",
-        "reachability",
+        "health",
         "load",
         "max_concurrent_jobs",
         "weight",
         "tls_enabled",
         "auto_pull_images",
     )
-    list_filter = ("is_active", "tls_enabled")
+    list_filter = ("is_active", HostHealthFilter, "tls_enabled")
     search_fields = ("name", "connection_string")
-    readonly_fields = ("load", "reachability", "created_at", "updated_at")
+    readonly_fields = ("load", "health", "health_error", "created_at", "updated_at")
     fieldsets = (
         (
             None,
@@ -95,7 +106,8 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
                     "name",
                     "connection_string",
                     "is_active",
-                    "reachability",
+                    "health",
+                    "health_error",
                     "auto_pull_images",
                 )
             },
@@ -171,18 +183,30 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
             capacity,
         )
 
-    @admin.display(description=_("Daemon"), ordering="unreachable_since")
-    def reachability(self, host: ExecutorHost) -> SafeString:
-        # Set by the watcher's reconcile pass; its running jobs stay running meanwhile.
-        since = host.unreachable_since
-        if since is None:
-            return format_html('<span class="dcc-host-ok">{}</span>', _("answers"))
-        return format_html(
-            '<span class="dcc-host-down" title="{}">{}</span>',
-            _("Running jobs stay running until the daemon answers or they are cancelled."),
-            _("unreachable since %(since)s")
-            % {"since": date_format(timezone.localtime(since), "DATETIME_FORMAT")},
-        )
+    @admin.display(description=_("Health"), ordering="failures_in_row")
+    def health(self, host: ExecutorHost) -> SafeString:
+        # Written by the launchers and the reconcile pass (health.py); the error of the
+        # last failed call is in the tooltip, and in full on the host's page.
+        error = host.health_error or ""
+        if host.unhealthy_since is not None:
+            return format_html(
+                '<span class="dcc-host-down" title="{}">{}</span>',
+                error,
+                _("unhealthy since %(since)s") % {"since": _local(host.unhealthy_since)},
+            )
+        if host.failures_in_row:
+            return format_html(
+                '<span class="dcc-host-down" title="{}">{}</span>',
+                error,
+                _("failing: %(count)s in a row") % {"count": host.failures_in_row},
+            )
+        if host.unreachable_since is not None:
+            return format_html(
+                '<span class="dcc-host-down" title="{}">{}</span>',
+                _("Running jobs stay running until the daemon answers or they are cancelled."),
+                _("unreachable since %(since)s") % {"since": _local(host.unreachable_since)},
+            )
+        return format_html('<span class="dcc-host-ok">{}</span>', _("healthy"))
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -196,9 +220,16 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
             raise PermissionDenied
         for host, error in ping_hosts(list(queryset)):
             if error is None:
+                # An answer is as good as the reconcile pass's probe: an unhealthy host
+                # takes jobs again now instead of at the next pass.
+                back = health.record_success(host.pk)
                 self.message_user(
                     request,
-                    _("%(host)s: the Docker daemon at %(url)s answers.")
+                    (
+                        _("%(host)s: the Docker daemon at %(url)s answers; healthy again.")
+                        if back
+                        else _("%(host)s: the Docker daemon at %(url)s answers.")
+                    )
                     % {"host": host.name, "url": host.connection_string},
                     messages.SUCCESS,
                 )

@@ -80,8 +80,17 @@ class JobListAdmin(JobAdminBase):
     @admin.display(description=_("Status"), ordering="status")
     def state(self, job: ContainerJob) -> SafeString:
         # Both states in one cell: the row's status, and under it where the job stands in
-        # the queue, which is what the filters on the right select by.
-        return format_html("{}<br>{}", self.status_badge(job), self.queue_status_badge(job))
+        # the queue, which is what the filters on the right select by. The lane, if any,
+        # goes under them, cut to the badges' width so the list keeps its columns.
+        badges = format_html("{}<br>{}", self.status_badge(job), self.queue_status_badge(job))
+        if not job.lane:
+            return badges
+        return format_html(
+            '{}<br><span class="dcc-muted dcc-lane" title="{}">{}</span>',
+            badges,
+            _("lane %(lane)s") % {"lane": job.lane},
+            clip(job.lane, 12),
+        )
 
     @admin.display(description=_("Queue status"))
     def queue_status_badge(self, job: ContainerJob) -> SafeString:

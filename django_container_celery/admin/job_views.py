@@ -52,6 +52,11 @@ class JobViewsAdmin(JobAdminBase):
             raise PermissionDenied
         changelist = reverse(self._url_name("changelist"))
         data = dashboard_data()
+        lanes_url = None
+        if request.user.has_perm(f"{self.opts.app_label}.view_lane") or request.user.has_perm(
+            f"{self.opts.app_label}.change_lane"
+        ):
+            lanes_url = reverse(f"{self.admin_site.name}:{self.opts.app_label}_lane_changelist")
         context = {
             **self.admin_site.each_context(request),
             **data,
@@ -66,9 +71,11 @@ class JobViewsAdmin(JobAdminBase):
                 (status, count, f"{changelist}?status__exact={status}")
                 for status, count in data["stats"]["by_status"].items()
             ],
+            "attention_url": f"{changelist}?needs_attention=yes",
+            "lanes_url": lanes_url,
             "media": self.media,
         }
-        return TemplateResponse(request, f"{TEMPLATES}/dashboard.html", context)
+        return TemplateResponse(request, f"{TEMPLATES}/dashboard_controls.html", context)
 
     def log_view(self, request: HttpRequest, object_id: str, stream: str) -> HttpResponse:
         if not self.has_view_permission(request):

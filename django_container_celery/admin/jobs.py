@@ -23,7 +23,13 @@ from ..masking import mask_environment
 from ..models import ContainerJob
 from ..states import Status
 from .common import CSS, TEMPLATES, flatten, never_show_facets, when
-from .filters import HostFilter, PriorityBandFilter, QueueStatusFilter
+from .filters import (
+    HostFilter,
+    LaneFilter,
+    NeedsAttentionFilter,
+    PriorityBandFilter,
+    QueueStatusFilter,
+)
 from .forms import DEFINITION_FIELDS, LOCKED_STATUSES, ContainerJobForm, format_environment
 from .job_actions import JobActionsAdmin
 from .job_list import JobListAdmin
@@ -34,6 +40,7 @@ from .operations import OPERATIONS
 from .outcome import (
     attempt_rows,
     attempt_table,
+    attention_note,
     current_error,
     earlier_error,
     schedule_is_current,
@@ -66,8 +73,10 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
     list_filter = (
         QueueStatusFilter,
         "status",
+        NeedsAttentionFilter,
         PriorityBandFilter,
         HostFilter,
+        LaneFilter,
         ("created_at", admin.DateFieldListFilter),
         ("completed_at", admin.DateFieldListFilter),
     )
@@ -131,9 +140,10 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
                     env,
                     "bind_mounts",
                     ("memory_limit", "cpu_limit", "timeout_seconds"),
-                    "docker_host",
+                    ("docker_host", "lane"),
                     ("max_retries", "retry_strategy"),
                     "retry_exit_codes",
+                    "memory_retry_factor",
                 )
             },
         )
@@ -159,9 +169,15 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
                         "priority",
                         ("queued_at", "scheduled_for", "launched_at"),
                         ("retry_count", "dispatched_at"),
+                        ("attempts_without_outcome", "needs_attention"),
                     )
                     if schedule_is_current(obj)
-                    else ("priority", ("queued_at", "launched_at"), ("retry_count",)),
+                    else (
+                        "priority",
+                        ("queued_at", "launched_at"),
+                        "retry_count",
+                        ("attempts_without_outcome", "needs_attention"),
+                    ),
                 },
             ),
             (
@@ -184,6 +200,8 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         """How the job stands, first on its page: an operator opens a failed job for its
         error, and a running one for its output."""
         fields: list[Any] = [("status_badge", "queue_status_badge")]
+        if job.needs_attention:
+            fields.append("attention")
         if job.status in states.FINAL or job.status == Status.RETRYING:
             fields.append(("exit_code_shown", "duration_display"))
         if current_error(job):
@@ -219,6 +237,10 @@ class ContainerJobAdmin(JobListAdmin, JobActionsAdmin, JobViewsAdmin):
         if not fields:
             return []
         return [(_("History"), {"fields": fields, "classes": ("dcc-history",)})]
+
+    @admin.display(description=_("Needs attention"))
+    def attention(self, job: ContainerJob) -> SafeString:
+        return attention_note(job)
 
     @admin.display(description=_("Error"))
     def current_error_shown(self, job: ContainerJob) -> SafeString:

@@ -12,6 +12,7 @@ from django.db.models.functions import Substr
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from .. import states
 from ..masking import MASK, MIN_MASKED_LENGTH, mask_text, secret_values
@@ -91,6 +92,41 @@ def attempt_rows(job: ContainerJob) -> list[JobAttempt]:
     return rows
 
 
+def attention_note(job: ContainerJob) -> SafeString:
+    """Why a job needs attention and what to do, for the top of its page."""
+    if not job.needs_attention:
+        return format_html("{}", "-")
+    count = job.attempts_without_outcome
+    head = (
+        ngettext(
+            "Failed after %(count)d attempt that ended without an outcome",
+            "Failed after %(count)d attempts that ended without an outcome",
+            count,
+        )
+        % {"count": count}
+        if count
+        else str(_("Failed after attempts that ended without an outcome"))
+    )
+    return format_html(
+        '<p class="errornote dcc-attention">{}: {} {}</p>',
+        head,
+        _(
+            "its container vanished (removed, lost with its host, or never started), or "
+            "finishing it kept failing. It is not retried automatically, whatever retries "
+            "it has left."
+        ),
+        _(
+            "Look at the host and the error of each attempt below and at the health of "
+            "those hosts (Executor hosts), fix the cause, then use Retry, which clears "
+            "this mark."
+        ),
+    )
+
+
+def _memory(row: JobAttempt) -> str:
+    return "-" if row.memory_limit is None else f"{row.memory_limit} MiB"
+
+
 def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:
     def ending(row: JobAttempt) -> str:
         text = row.get_reason_display()
@@ -104,7 +140,7 @@ def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:
 
     body = format_html_join(
         "",
-        '<tr class="{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
+        '<tr class="{}"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>'
         '<td class="dcc-attempt-error">{}</td></tr>',
         (
             (
@@ -112,6 +148,7 @@ def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:
                 row.attempt,
                 ending(row),
                 row.host.name if row.host else "-",
+                _memory(row),
                 when(row.ended_at),
                 run_time(row),
                 mask_text(row.error, job.environment),
@@ -121,10 +158,11 @@ def attempt_table(job: ContainerJob, rows: list[JobAttempt]) -> SafeString:
     )
     return format_html(
         '<table class="dcc-attempts"><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th>'
-        "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
+        "<th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
         _("Attempt"),
         _("Ended"),
         _("Host"),
+        _("Memory"),
         _("At"),
         _("Ran for"),
         _("Error"),

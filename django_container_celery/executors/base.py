@@ -55,6 +55,9 @@ class ContainerState:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str = ""
+    # The kernel killed the container (one of its processes) for memory: at its memory
+    # limit, or because the host ran out. Only meaningful once it is not running.
+    oom_killed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -306,6 +306,12 @@ class DockerExecutor(Executor):
         host_options: dict[str, Any] = {"privileged": False, "binds": binds or None}
         if spec.memory_mb is not None:
             host_options["mem_limit"] = f"{spec.memory_mb}m"
+            # Memory plus swap, set to the same value: no swap at all. Left unset, Docker
+            # allows as much swap again as the limit on a host that has swap, so a job
+            # over its limit would page instead of being killed for memory, and the limit
+            # that is recorded (and raised on an out-of-memory retry) would not be the one
+            # that held.
+            host_options["memswap_limit"] = f"{spec.memory_mb}m"
         if spec.cpus is not None:
             host_options["nano_cpus"] = round(spec.cpus * 1e9)
         if spec.network_mode:
@@ -383,6 +389,10 @@ class DockerExecutor(Executor):
             started_at=parse_docker_time(state.get("StartedAt")),
             finished_at=parse_docker_time(state.get("FinishedAt")),
             error=error,
+            # Set by the daemon from the kernel's OOM notification for the container's
+            # cgroup (under cgroup v1, and v2 on daemons that read memory.events); the
+            # watcher also remembers the ``oom`` events it saw, for daemons that miss it.
+            oom_killed=not running and bool(state.get("OOMKilled")),
         )
 
     def wait(self, name: str, timeout: float) -> int | None:

@@ -4,6 +4,11 @@ Containers live in a dict keyed by name. What each one does is decided at start 
 programmable ``behaviour``; time is real (``time.monotonic``), so a container "runs" for
 ``runs_for`` seconds and ``wait`` really blocks, which lets the engine's follow loop, its
 timeouts and its cancellation be exercised as they are against Docker.
+
+A kill for memory is simulated two ways: a ``FakeRun`` that needs more ``memory_mb`` than
+its spec allows is killed when it would have exited, and :meth:`MemoryExecutor.kill_for_memory`
+kills a running container now. Either reads as Docker's (exit code 137, ``oom_killed``, and
+an ``oom`` event before the ``die``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class FakeRun:
     stderr: str | bytes = ""
     # float("inf") runs until stopped or finished by hand.
     runs_for: float = 0.0
+    # The most memory the fake's process takes, MiB. Started with a smaller memory limit
+    # (the spec's memory_mb), the container is killed for memory when it would have
+    # exited, as a real one that allocates past its limit. None: it fits any limit.
+    memory_mb: int | None = None
 
 
 def _raw(output: str | bytes) -> bytes:
@@ -72,9 +81,17 @@ class _Container:
     run: FakeRun
     started_monotonic: float
     started_at: datetime
-    # Set when the exit is forced (finish, stop) instead of reached by runs_for.
+    # Set when the exit is forced (finish, stop, kill_for_memory) instead of reached by
+    # runs_for.
     forced_exit_code: int | None = None
     forced_finished_at: datetime | None = None
+    forced_oom: bool = False
+
+    @property
+    def over_limit(self) -> bool:
+        """Its run needs more memory than its limit allows: killed when it would exit."""
+        need, limit = self.run.memory_mb, self.spec.memory_mb
+        return need is not None and limit is not None and need > limit
 
     def seconds_left(self, now: float) -> float:
         """Seconds until the natural exit; 0 once exited."""
@@ -85,7 +102,14 @@ class _Container:
     def exit_code(self, now: float) -> int | None:
         if self.forced_exit_code is not None:
             return self.forced_exit_code
-        return self.run.exit_code if self.seconds_left(now) <= 0 else None
+        if self.seconds_left(now) > 0:
+            return None
+        return KILLED_EXIT_CODE if self.over_limit else self.run.exit_code
+
+    def oom_killed(self, now: float) -> bool:
+        if self.forced_exit_code is not None:
+            return self.forced_oom
+        return self.over_limit and self.seconds_left(now) <= 0
 
     def state(self, now: float) -> ContainerState:
         code = self.exit_code(now)
@@ -100,6 +124,7 @@ class _Container:
             exit_code=code,
             started_at=self.started_at,
             finished_at=finished_at,
+            oom_killed=self.oom_killed(now),
         )
 
 
@@ -261,9 +286,10 @@ class MemoryExecutor(Executor):
 
     # -- test helpers ---------------------------------------------------------------------
 
-    def _force_exit(self, container: _Container, exit_code: int) -> None:
+    def _force_exit(self, container: _Container, exit_code: int, oom: bool = False) -> None:
         container.forced_exit_code = exit_code
         container.forced_finished_at = datetime.now(UTC)
+        container.forced_oom = oom
         self._changed.notify_all()
 
     def finish(self, name: str, exit_code: int = 0) -> None:
@@ -274,6 +300,16 @@ class MemoryExecutor(Executor):
                 raise KeyError(name)
             if container.exit_code(time.monotonic()) is None:
                 self._force_exit(container, exit_code)
+
+    def kill_for_memory(self, name: str) -> None:
+        """Make a running container exit now as one the kernel killed for memory: exit
+        code 137, ``oom_killed`` in its state, an ``oom`` event before its ``die``."""
+        with self._changed:
+            container = self._find(name)
+            if container is None:
+                raise KeyError(name)
+            if container.exit_code(time.monotonic()) is None:
+                self._force_exit(container, KILLED_EXIT_CODE, oom=True)
 
     def vanish(self, name: str) -> None:
         """Delete a container as if someone removed it behind the engine's back."""
@@ -356,6 +392,9 @@ class _MemoryEventStream:
             code = container.exit_code(now)
             if code is not None or cid not in current:
                 del self._alive[cid]
+                if code is not None and container.oom_killed(now):
+                    # Docker reports the kernel's kill before the container's exit.
+                    events.append(_event("oom", container, None))
                 events.append(_event("die", container, code))
         for cid, container in list(self._present.items()):
             if cid not in current:

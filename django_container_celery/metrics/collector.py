@@ -180,6 +180,12 @@ def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
             "0 while the host's daemon does not answer (unreachable_since is set), else 1.",
             lambda host: 0.0 if host["unreachable_since"] is not None else 1.0,
         ),
+        (
+            "dcc_host_healthy",
+            "0 while the host is unhealthy (HOST_FAILURES_BEFORE_UNHEALTHY failed calls in a "
+            "row; no job starts there), else 1.",
+            lambda host: 0.0 if host["unhealthy_since"] is not None else 1.0,
+        ),
     ]
     for name, documentation, value_of in gauges:
         family = GaugeMetricFamily(name, documentation, labels=["host"])

@@ -223,6 +223,7 @@ def _read_hosts(snapshot: Snapshot) -> None:
         "name",
         "is_active",
         "unreachable_since",
+        "unhealthy_since",
         "max_concurrent_jobs",
         "memory_capacity_mb",
         "cpu_capacity",

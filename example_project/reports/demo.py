@@ -18,8 +18,9 @@ from typing import TextIO
 from celery.result import AsyncResult
 from django.db import transaction
 
-from django_container_celery.models import ContainerJob
-from django_container_celery.states import FINAL, Status
+from django_container_celery import lanes
+from django_container_celery.models import ContainerJob, JobAttempt, Lane, database_now
+from django_container_celery.states import ACTIVE, FINAL, WAITING, Status
 
 from . import tasks
 
@@ -27,6 +28,12 @@ from . import tasks
 SCHEDULE_DELAY = 8
 # Jobs of the detached-runs batch, all running at once on a worker of concurrency 2.
 FANOUT = 6
+# The lanes batch: monthly reports in the ``reports`` lane, at most LANE_LIMIT at once,
+# beside a few jobs of no lane; the lane is paused for LANE_PAUSE_SECONDS while some run.
+LANE_REPORTS = 6
+LANE_LIMIT = 2
+LANE_OTHERS = 2
+LANE_PAUSE_SECONDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +199,20 @@ class ProgressDisplay:
         self._drawn = 0
         self._last = 0.0
         self._width = max(len(item.entry.label) for item in tracked)
+        self._lanes = any(item.job.lane for item in tracked)
+        # Events worth a line of their own (a lane paused, resumed), drawn under the jobs.
+        self.notes: list[str] = []
+
+    def note(self, now: datetime, text: str) -> None:
+        """Show an event at once: a line of its own in a log, a line under the jobs on a
+        terminal (redrawn with them)."""
+        line = f"[{(now - self.started).total_seconds():5.1f}s] {text}"
+        if not self.tty:
+            self.out.write(line + "\n")
+            self.out.flush()
+            return
+        self.notes.append(line)
+        self.show(now, force=True)
 
     def show(self, now: datetime, force: bool = False) -> None:
         clock = time.monotonic()
@@ -208,10 +229,12 @@ class ProgressDisplay:
         for item in self.tracked:
             job = item.job
             exit_code = "" if job.exit_code is None else f"  exit {job.exit_code}"
+            lane = f"  {job.lane or '-':<8}" if self._lanes else ""
             lines.append(
-                f"  {item.entry.label:<{self._width}}  {job.priority:>3}  "
+                f"  {item.entry.label:<{self._width}}{lane}  {job.priority:>3}  "
                 f"{describe_state(job, now):<22} attempt {job.attempt}{exit_code}"
             )
+        lines += self.notes
         if self._drawn:
             self.out.write(f"\x1b[{self._drawn}A")
         for line in lines:
@@ -221,9 +244,14 @@ class ProgressDisplay:
 
 
 HEADERS = ("Job", "Priority", "Status", "Attempts", "Exit", "Started", "Duration")
+# The same with each job's lane, for a batch whose jobs use lanes.
+LANE_HEADERS = ("Job", "Lane", "Priority", "Status", "Attempts", "Exit", "Started", "Duration")
+LANE_TEXT_COLUMNS = (0, 1, 3)
 
 
-def summary_rows(tracked: Sequence[Tracked], started: datetime) -> list[tuple[str, ...]]:
+def summary_rows(
+    tracked: Sequence[Tracked], started: datetime, with_lane: bool = False
+) -> list[tuple[str, ...]]:
     rows = []
     for item in tracked:
         job = item.job
@@ -231,6 +259,7 @@ def summary_rows(tracked: Sequence[Tracked], started: datetime) -> list[tuple[st
         rows.append(
             (
                 item.entry.label,
+                *([job.lane or "-"] if with_lane else []),
                 str(job.priority),
                 str(job.status),
                 str(job.attempt),
@@ -242,10 +271,13 @@ def summary_rows(tracked: Sequence[Tracked], started: datetime) -> list[tuple[st
     return rows
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], left: Iterable[int] = (0, 2)
+) -> str:
+    """An aligned table: the ``left`` columns (text) left-aligned, the others (numbers)
+    right-aligned."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    # Text columns left-aligned, numbers right-aligned.
-    left = {0, 2}
+    left = set(left)
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -366,3 +398,179 @@ def fanout_summary(
         "and the watcher in the worker finishes the jobs"
     )
     return "\n".join(lines), all_ok and detached
+
+
+# -- lanes -------------------------------------------------------------------------------
+
+
+def ensure_reports_lane() -> Lane:
+    """The ``reports`` lane with the demo's limit, running (an interrupted earlier run may
+    have left it paused)."""
+    lane, _ = Lane.objects.update_or_create(
+        name=tasks.REPORTS_LANE,
+        defaults={
+            "max_concurrent_jobs": LANE_LIMIT,
+            "description": "Monthly reports of the demo: a few at a time, paused on demand.",
+        },
+    )
+    lanes.resume([lane.name])
+    return lane
+
+
+def lanes_batch() -> list[DemoJob]:
+    """Monthly reports in the ``reports`` lane, and a few jobs of no lane beside them."""
+    reports = [
+        DemoJob(
+            f"monthly_report({month})",
+            f"2 s in lane {tasks.REPORTS_LANE}: at most {LANE_LIMIT} at once, held while paused",
+            Status.COMPLETED,
+            1,
+            lambda month=month: tasks.monthly_report.delay(month),
+            ordered=False,
+        )
+        for month in range(1, LANE_REPORTS + 1)
+    ]
+    others = [
+        DemoJob(
+            f"crunch({n})",
+            "4 s in no lane: runs on while the lane is paused",
+            Status.COMPLETED,
+            1,
+            lambda n=n: tasks.crunch.delay(n),
+            ordered=False,
+        )
+        for n in range(LANE_OTHERS)
+    ]
+    return [*reports, *others]
+
+
+class LanePause:
+    """Pauses the lane once it holds as many jobs as its limit allows, and resumes it
+    ``seconds`` later once its running jobs have finished; says so on the display."""
+
+    def __init__(self, lane: str, limit: int, seconds: float = LANE_PAUSE_SECONDS) -> None:
+        self.lane = lane
+        self.limit = limit
+        self.seconds = seconds
+        self.paused_at: datetime | None = None
+        self.resumed_at: datetime | None = None
+        # The lane's jobs that waited when it was paused: none may start until resumed.
+        self.held: list[ContainerJob] = []
+        self._paused_clock = 0.0
+
+    def of_lane(self, tracked: Sequence[Tracked]) -> list[ContainerJob]:
+        return [item.job for item in tracked if item.job.lane == self.lane]
+
+    def step(self, tracked: Sequence[Tracked], display: ProgressDisplay) -> None:
+        """Called after each look at the jobs: pause or resume when it is time to."""
+        jobs = self.of_lane(tracked)
+        if self.paused_at is None:
+            self._maybe_pause(jobs, display)
+        elif self.resumed_at is None:
+            self._maybe_resume(jobs, display)
+
+    def _maybe_pause(self, jobs: Sequence[ContainerJob], display: ProgressDisplay) -> None:
+        # Its first jobs fill the lane's places (or some already ended): pause now.
+        running = sum(job.status == Status.RUNNING for job in jobs)
+        if running < self.limit and not any(job.status in FINAL for job in jobs):
+            return
+        lanes.pause([self.lane], by="demo")
+        self.paused_at = database_now()
+        self._paused_clock = time.monotonic()
+        # Read again after the pause: a job claimed just before it may still start.
+        for job in jobs:
+            job.refresh_from_db()
+        self.held = [job for job in jobs if job.status in WAITING and job.attempt == 0]
+        holding = sum(job.status in ACTIVE for job in jobs)
+        display.note(
+            self.paused_at,
+            f"lane {self.lane} paused - {holding} running finish, {len(self.held)} waiting "
+            "keep their place",
+        )
+
+    def _maybe_resume(self, jobs: Sequence[ContainerJob], display: ProgressDisplay) -> None:
+        # After the pause's seconds, once the jobs that ran when it began have finished.
+        if time.monotonic() - self._paused_clock < self.seconds:
+            return
+        if any(job.status in ACTIVE for job in jobs):
+            return
+        lanes.resume([self.lane])
+        self.resumed_at = database_now()
+        paused_for = (self.resumed_at - (self.paused_at or self.resumed_at)).total_seconds()
+        waiting = sum(job.status in WAITING for job in jobs)
+        display.note(
+            self.resumed_at,
+            f"lane {self.lane} resumed after {paused_for:.1f}s - {waiting} waiting start, "
+            f"{self.limit} at a time",
+        )
+
+
+def started_while_paused(pause: LanePause) -> set[object]:
+    """Ids of the jobs held by the pause that were claimed before it was resumed (read
+    from their attempts' history: a finished job's row no longer says when it was
+    claimed)."""
+    held = [job.pk for job in pause.held]
+    if pause.resumed_at is None:
+        return set(
+            ContainerJob.objects.filter(pk__in=held, attempt__gt=0).values_list("pk", flat=True)
+        )
+    early = JobAttempt.objects.filter(job__in=held, claimed_at__lt=pause.resumed_at)
+    return set(early.values_list("job_id", flat=True))
+
+
+def ran_while_paused(jobs: Iterable[ContainerJob], pause: LanePause) -> list[ContainerJob]:
+    """The jobs that were running at some moment of the pause."""
+    if pause.paused_at is None or pause.resumed_at is None:
+        return []
+    return [
+        job
+        for job in jobs
+        if job.started_at is not None
+        and job.started_at < pause.resumed_at
+        and (job.completed_at is None or job.completed_at > pause.paused_at)
+    ]
+
+
+def lanes_summary(
+    tracked: Sequence[Tracked], started: datetime, pause: LanePause
+) -> tuple[str, bool]:
+    """The lanes batch's table (with each job's lane) and its checks: the lane's limit
+    held, nothing of it started while paused, and jobs of no lane ran on meanwhile."""
+    rows = summary_rows(tracked, started, with_lane=True)
+    lines = [format_table(LANE_HEADERS, rows, left=LANE_TEXT_COLUMNS), ""]
+    all_ok = True
+    for item in tracked:
+        ok, detail = check(item)
+        all_ok = all_ok and ok
+        if not ok:
+            lines.append(f"  !!  {item.entry.label}: {detail}")
+    in_lane = [item for item in tracked if item.job.lane == pause.lane]
+    others = [item.job for item in tracked if item.job.lane != pause.lane]
+    peak = peak_running(in_lane)
+    checks = [
+        (
+            peak <= pause.limit,
+            f"lane {pause.lane} (limit {pause.limit}): at most {peak} of its jobs ran at once",
+        ),
+    ]
+    if pause.paused_at is None or pause.resumed_at is None:
+        checks.append((False, f"lane {pause.lane} was not paused and resumed"))
+    else:
+        early = started_while_paused(pause)
+        paused_for = (pause.resumed_at - pause.paused_at).total_seconds()
+        checks += [
+            (
+                not early and bool(pause.held),
+                f"lane {pause.lane} paused for {paused_for:.1f}s with {len(pause.held)} "
+                f"waiting: {len(early)} of them started meanwhile, all ran once it was resumed",
+            ),
+            (
+                bool(ran_while_paused(others, pause)),
+                f"{len(ran_while_paused(others, pause))} job(s) of no lane ran during the pause: "
+                "a pause holds back its own lane only",
+            ),
+        ]
+    for ok, text in checks:
+        all_ok = all_ok and ok
+        lines.append(f"  {'ok' if ok else '!!'}  {text}")
+    return "\n".join(lines), all_ok

@@ -19,6 +19,9 @@ IMAGE = settings.DEMO_IMAGE
 MISSING_IMAGE = "dcc-demo/never-built:1.0"
 # EX_TEMPFAIL from sysexits.h: the usual way for a program to say "try again later".
 TEMPORARY_FAILURE = 75
+# The lane of the monthly reports: the demo creates it (a Lane row must exist before a job
+# names it) with a limit, and pauses and resumes it while its jobs wait.
+REPORTS_LANE = "reports"
 
 
 @container_task(image=IMAGE, priority=PRIORITY_HIGH, max_retries=0, timeout_seconds=30)
@@ -83,3 +86,11 @@ def legacy_import() -> str:
 def crunch(chunk: int) -> str:
     """A few seconds of work: many at once show that runs do not hold worker processes."""
     return "sh -c " + shlex.quote(f"sleep 4; echo chunk {int(chunk)} done")
+
+
+@container_task(
+    image=IMAGE, priority=PRIORITY_NORMAL, lane=REPORTS_LANE, max_retries=0, timeout_seconds=30
+)
+def monthly_report(month: int) -> str:
+    """Two seconds of work in the ``reports`` lane: its limit and pause hold it back."""
+    return "sh -c " + shlex.quote(f"sleep 2; echo report for month {int(month)} done")

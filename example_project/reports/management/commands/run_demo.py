@@ -1,4 +1,6 @@
-"""Run the demo: a Celery worker and beat, a mixed batch of container jobs, a summary.
+"""Run the demo: a Celery worker and beat, a mixed batch of container jobs, a summary;
+then more containers at once than worker processes; then a lane with a limit, paused and
+resumed while its jobs wait.
 
 The worker and beat are started here, each in its own session, and stopped here by
 process group on every way out (end of the batch, Ctrl-C, SIGTERM, an error), so the
@@ -26,6 +28,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 from django.utils import timezone
 
+from django_container_celery import lanes
 from django_container_celery.conf import app_settings
 from django_container_celery.models import ContainerJob
 from django_container_celery.queue import queue_manager
@@ -93,7 +96,10 @@ class Process:
 
 
 class Command(BaseCommand):
-    help = "Start a Celery worker and beat, run a mixed batch of container jobs, summarize."
+    help = (
+        "Start a Celery worker and beat, run a mixed batch of container jobs, a detached batch "
+        "and a paused and resumed lane, summarize."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -125,6 +131,7 @@ class Command(BaseCommand):
             self.start_processes()
             ok = self.run_batch(options["timeout"])
             ok = self.run_detached(options["timeout"]) and ok
+            ok = self.run_lanes(options["timeout"]) and ok
         except KeyboardInterrupt:
             interrupted, ok = True, False
             self.stdout.write("\nInterrupted. Jobs left unfinished are cancelled by the next run.")
@@ -339,6 +346,40 @@ class Command(BaseCommand):
             time.sleep(0.25)
         self.step("Summary of the detached runs")
         text, ok = demo.fanout_summary(tracked, queued_at, settings.DEMO_WORKER_CONCURRENCY)
+        self.stdout.write(text)
+        return ok and done
+
+    def run_lanes(self, timeout: float) -> bool:
+        """The third batch, on the same worker: a lane's limit, then its pause and resume."""
+        lane = demo.ensure_reports_lane()
+        self.step(
+            f"Queueing {demo.LANE_REPORTS} monthly reports in lane {lane.name!r} (at most "
+            f"{lane.max_concurrent_jobs} at once) and {demo.LANE_OTHERS} jobs of no lane"
+        )
+        self.stdout.write(
+            f"    the lane is paused for {demo.LANE_PAUSE_SECONDS} s once its first reports run, "
+            "then resumed"
+        )
+        tracked = demo.queue_batch(demo.lanes_batch())
+        queued_at = timezone.now()
+        display = demo.ProgressDisplay(self.stdout._out, tracked, queued_at, self.tty)
+        pause = demo.LanePause(lane.name, lane.max_concurrent_jobs or demo.LANE_LIMIT)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                demo.refresh(tracked)
+                pause.step(tracked, display)
+                done = demo.all_final(tracked)
+                display.show(timezone.now(), force=done)
+                if done or time.monotonic() > deadline:
+                    break
+                self.check_processes()
+                time.sleep(0.25)
+        finally:
+            # Never leave the lane paused, whatever ended the loop.
+            lanes.resume([lane.name])
+        self.step(f"Summary of lane {lane.name!r}")
+        text, ok = demo.lanes_summary(tracked, queued_at, pause)
         self.stdout.write(text)
         return ok and done
 
