@@ -111,8 +111,14 @@ def enqueue(
     from . import eager
 
     if lane is not None:
-        job.lane = lane
-    _validate_for_queueing(job, eta=eta, countdown=countdown, priority=priority)
+        job.lane, lane_before = lane, job.lane
+        try:
+            _validate_for_queueing(job, eta=eta, countdown=countdown, priority=priority)
+        except ValidationError:
+            job.lane = lane_before  # a refused call leaves the instance as it was
+            raise
+    else:
+        _validate_for_queueing(job, eta=eta, countdown=countdown, priority=priority)
     run_here = eager.is_eager()
     if run_here:
         eta = countdown = None

@@ -264,7 +264,10 @@ def _rooms() -> list[HostRoom] | None:
 
 
 def _reservation(
-    builder: _ClaimSQL, now: datetime, rooms: list[HostRoom] | None
+    builder: _ClaimSQL,
+    now: datetime,
+    rooms: list[HostRoom] | None,
+    lane_rooms: Sequence[lanes.LaneRoom] = (),
 ) -> Reservation | None:
     """The reservation of the first waiting job that fits no host now but could once one
     is free (``placement``), looked for only where a host counts resources: counting
@@ -281,9 +284,7 @@ def _reservation(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         waiting = cursor.fetchall()
-    return placement.find_reservation(
-        rooms, ((row[0], row[1], Need.of(row[2], row[3])) for row in waiting)
-    )
+    return placement.find_reservation(rooms, placement.within_lane_room(waiting, lane_rooms))
 
 
 def _host_for(
@@ -320,9 +321,10 @@ def _claim(
     with transaction.atomic():
         _serialize_claims()
         now = database_now()  # after the wait for the lock, so the lease is not shortened
-        builder = _ClaimSQL(lanes.blocked(lanes.lane_rooms()))
+        lane_rooms = lanes.lane_rooms()
+        builder = _ClaimSQL(lanes.blocked(lane_rooms))
         rooms = _rooms()
-        reserved = _reservation(builder, now, rooms) if honour_reservation else None
+        reserved = _reservation(builder, now, rooms, lane_rooms) if honour_reservation else None
         sql, params = choose(builder, now, rooms, reserved)
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -429,7 +431,7 @@ def eligible_ready_ids(limit: int) -> list[Any]:
     builder = _ClaimSQL(lanes.blocked(lane_rooms))
     now = database_now()
     rooms = _rooms()
-    reserved = _reservation(builder, now, rooms)
+    reserved = _reservation(builder, now, rooms, lane_rooms)
     # Each job is checked alone in SQL; counted together some of them no longer fit (a
     # host or a lane fills up), so read further than the limit to fill it.
     extra = 0 if rooms is None and not lane_rooms else placement.RESERVATION_SCAN

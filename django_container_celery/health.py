@@ -4,9 +4,10 @@ that succeeds.
 
 An unhealthy host has no free slot (``placement``): jobs without a pinned host go to the
 healthy hosts, jobs pinned to it wait for it. Its running jobs are left alone, since they
-may still run there. The probe that brings it back is the reconcile pass of the watcher
-leading the host (or beat's ``rescue_stale_jobs`` without watchers): it lists the host's
-containers every ``RECONCILE_INTERVAL`` seconds and records the answer here.
+may still run there. The probe that brings it back is the reconcile pass: the watcher
+leading the host lists its containers every ``RECONCILE_INTERVAL`` seconds (without
+watchers, beat's ``rescue_stale_jobs`` does at its own interval) and records the answer
+here; a launch that reaches the daemon counts as well.
 
 Only a call the daemon did not answer counts (a refused connection, a missing socket, a
 timeout): an error the daemon answered with (a missing image, a bad request) says nothing
@@ -85,22 +86,20 @@ def record_failure(host_id: Any, error: BaseException | str) -> None:
 
 
 def record_success(host_id: Any) -> bool:
-    """A call to the host's daemon succeeded: clear its failures. True when it was
-    unhealthy (and is healthy again)."""
+    """A call to the host's daemon succeeded: clear its failures, in one conditional
+    UPDATE that matches nothing (and writes nothing) while the host is healthy. True when
+    there was something to clear."""
     if host_id is None:
         return False
-    failing = ExecutorHost.objects.filter(pk=host_id).filter(
-        Q(failures_in_row__gt=0)
-        | Q(unhealthy_since__isnull=False)
-        | Q(unreachable_since__isnull=False)
+    failing = Q(failures_in_row__gt=0) | Q(unhealthy_since__isnull=False)
+    cleared = (
+        ExecutorHost.objects.filter(pk=host_id)
+        .filter(failing | Q(unreachable_since__isnull=False))
+        .update(failures_in_row=0, unhealthy_since=None, unreachable_since=None, health_error="")
     )
-    was_unhealthy = failing.filter(unhealthy_since__isnull=False).exists()
-    cleared = failing.update(
-        failures_in_row=0, unhealthy_since=None, unreachable_since=None, health_error=""
-    )
-    if cleared and was_unhealthy:
-        logger.info("host %s answers again: healthy", host_id)
-    return bool(cleared) and was_unhealthy
+    if cleared:
+        logger.info("host %s answers again", host_id)
+    return bool(cleared)
 
 
 def record(host_id: Any, error: BaseException | None) -> None:

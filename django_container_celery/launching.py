@@ -140,11 +140,10 @@ def launch_claimed(
 
 
 def _host_answered(job: ContainerJob) -> None:
-    """A launch that reached the daemon clears its host's failures. Read from the host as
-    the claim loaded it: a healthy host costs no statement."""
-    host = job.assigned_host if job.assigned_host_id is not None else None
-    if host is not None and (host.failures_in_row or host.unhealthy_since is not None):
-        health.record_success(host.pk)
+    """A launch that reached the daemon clears its host's failures, including those that
+    other launches recorded while this one was starting."""
+    if job.assigned_host_id is not None:
+        health.record_success(job.assigned_host_id)
 
 
 def _replace_unstarted(job: ContainerJob, executor: Executor, name: str) -> bool:

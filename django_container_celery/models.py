@@ -323,6 +323,10 @@ class ContainerJob(models.Model):
         "retry_exit_codes",
         "memory_retry_factor",
     )
+    # Definition fields the engine also writes (an out-of-memory retry raises memory_limit):
+    # a plain save() writes one only if this instance changed it since it read the row, so
+    # an instance read before the retry does not put the old limit back.
+    RAISED_BY_ENGINE: ClassVar[tuple[str, ...]] = ("memory_limit",)
     # Written by a plain save() besides the definition: neither the engine's nor defined.
     RECORD_FIELDS: ClassVar[tuple[str, ...]] = ("created_by", "updated_at")
     # Engine fields as this instance last read or wrote them (attname -> value): what
@@ -458,8 +462,8 @@ class ContainerJob(models.Model):
     attempts_without_outcome = models.PositiveIntegerField(
         default=0,
         help_text=_(
-            "Attempts that ended without an outcome: the container vanished, the host was "
-            "lost during the launch, or finishing kept failing. At "
+            "Attempts that ended without an outcome: the container vanished (removed from "
+            "outside, or lost with its host) or finishing kept failing. At "
             "MAX_ATTEMPTS_WITHOUT_OUTCOME the job fails and needs attention."
         ),
     )
@@ -687,7 +691,7 @@ class ContainerJob(models.Model):
         self._remember_engine_state(fields)
 
     def _locked_engine_row(self, db: str) -> dict[str, Any] | None:
-        attnames = _engine_attnames(type(self)).values()
+        attnames = _tracked_attnames(type(self)).values()
         rows = type(self)._default_manager.db_manager(db).select_for_update()
         return rows.filter(pk=self.pk).values(*attnames).first()
 
@@ -713,8 +717,20 @@ class ContainerJob(models.Model):
         # A field left deferred was never read: writing it would load it just to write it.
         deferred = self.get_deferred_fields()
         attnames = _attnames(type(self))
+        as_read = getattr(self, "_engine_as_read", {})
         names = [*self.DEFINITION_FIELDS, *self.RECORD_FIELDS]
-        return [name for name in names if name == "updated_at" or attnames[name] not in deferred]
+        return [
+            name
+            for name in names
+            if name == "updated_at"
+            or (attnames[name] not in deferred and not self._unchanged_raised(name, as_read))
+        ]
+
+    def _unchanged_raised(self, name: str, as_read: dict[str, Any]) -> bool:
+        attname = _attnames(type(self))[name]
+        if name not in self.RAISED_BY_ENGINE or attname not in as_read:
+            return False
+        return bool(self.__dict__.get(attname) == as_read[attname])
 
     def _changed_engine_fields(self, row: dict[str, Any]) -> list[str]:
         """Engine fields this instance changed since it read them, to a value the row does
@@ -744,14 +760,14 @@ class ContainerJob(models.Model):
     def _take_engine_state(self, row: dict[str, Any], written: Iterable[str]) -> None:
         """Show the row's engine state on this instance, except the fields just written."""
         skip = set(written)
-        for name, attname in _engine_attnames(type(self)).items():
+        for name, attname in _tracked_attnames(type(self)).items():
             if name not in skip:
                 setattr(self, attname, row[attname])
 
     def _remember_engine_state(self, names: Iterable[str] | None = None) -> None:
         """Record the engine fields (all, or ``names``) as now read from or written to the
         row."""
-        engine = _engine_attnames(type(self))
+        engine = _tracked_attnames(type(self))
         chosen = engine.values() if names is None else [engine[n] for n in names if n in engine]
         loaded = {attname: self.__dict__[attname] for attname in chosen if attname in self.__dict__}
         # A new dict each time: a copy.copy() of the instance must not share its record.
@@ -1011,6 +1027,14 @@ def _engine_attnames(model: type[ContainerJob]) -> dict[str, str]:
     instance, until it is listed as definition."""
     kept = {*model.DEFINITION_FIELDS, *model.RECORD_FIELDS, *_FIXED_FIELDS}
     return {name: attname for name, attname in _attnames(model).items() if name not in kept}
+
+
+@functools.cache
+def _tracked_attnames(model: type[ContainerJob]) -> dict[str, str]:
+    """The engine's fields and the definition fields it also writes: what an instance
+    remembers as read, to tell its own changes from the row's."""
+    attnames = _attnames(model)
+    return {**_engine_attnames(model), **{n: attnames[n] for n in model.RAISED_BY_ENGINE}}
 
 
 def _field_name(model: type[ContainerJob], name: str) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -44,7 +44,9 @@ from django.db.models.functions import Coalesce
 
 from . import states
 from .conf import app_settings
-from .lanes import why_lane_waits
+from .lanes import LaneRoom, why_lane_waits
+from .lanes import blocked as blocked_lanes
+from .lanes import lane_rooms as lane_rooms_now
 from .models import ContainerJob, ExecutorHost
 
 # Sums of float limits (0.1 + 0.2) must not refuse a job that fits exactly.
@@ -378,7 +380,7 @@ def _host_reasons(
         reasons.append(f"unhealthy since {since}: {room.health_error}")
     elif room.unreachable_since is not None:
         reasons.append(f"its daemon has not answered since {room.unreachable_since.isoformat()}")
-    if room.free_slots <= 0:
+    if room.used_slots >= room.slots:
         reasons.append(f"full: {room.used_slots} of {room.slots} slots taken")
     reasons.extend(room.shortfalls(need))
     holder = reserved.hosts.get(room.host_id) if reserved is not None else None
@@ -392,14 +394,29 @@ def _host_reasons(
 def _current_reservation(rooms: Sequence[HostRoom]) -> Reservation | None:
     if not any(room.counts_resources for room in rooms):
         return None
+    lane_rooms = lane_rooms_now()
     waiting = (
         ContainerJob.objects.ready()
         .filter(stop_pending=False)
-        .values_list("pk", "docker_host_id", "memory_limit", "cpu_limit")[:RESERVATION_SCAN]
+        .exclude(lane__in=blocked_lanes(lane_rooms))
+        .values_list("pk", "docker_host_id", "memory_limit", "cpu_limit", "lane")[:RESERVATION_SCAN]
     )
-    return find_reservation(
-        rooms, ((pk, host, Need.of(memory, cpus)) for pk, host, memory, cpus in waiting)
-    )
+    return find_reservation(rooms, within_lane_room(waiting, lane_rooms))
+
+
+def within_lane_room(
+    waiting: Iterable[tuple[Any, ...]], lane_rooms: Sequence[LaneRoom]
+) -> Iterator[tuple[Any, int | None, Need]]:
+    """(job id, pinned host, need) of waiting rows (id, host, memory, cpus, lane), in queue
+    order, leaving out the jobs a limited lane has no place for once its earlier jobs took
+    its free places: two jobs of a lane with one place must not reserve two hosts."""
+    free = {room.name: room.free for room in lane_rooms if room.free is not None}
+    for job_id, pinned, memory, cpus, lane in waiting:
+        if lane in free:
+            if free[lane] <= 0:
+                continue
+            free[lane] -= 1
+        yield job_id, pinned, Need.of(memory, cpus)
 
 
 def _cores(value: float | None) -> str:

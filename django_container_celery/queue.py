@@ -80,6 +80,10 @@ class JobQueueManager:
         if job.status != Status.PENDING and not job.can_transition_to(Status.QUEUED):
             raise ValueError(f"Job {job.pk} is {job.status} and cannot be queued now")
         fields: dict[str, Any] = {"dispatched_at": None}
+        if job.status == Status.FAILED:
+            # Queued again by a person or their code: a decision taken after looking (see
+            # retry_failed_job), so the attempts without an outcome are counted afresh.
+            fields.update(needs_attention=False, attempts_without_outcome=0)
         if priority is not None:
             from django.core.exceptions import ValidationError
 

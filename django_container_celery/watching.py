@@ -201,11 +201,14 @@ def reconcile(
     lead: bool = False,
     remove: Remover | None = None,
     owner: str | None = None,
+    oom_seen: Callable[[str], bool] | None = None,
 ) -> Reconciled:
     """Bring every active job of one target in line with what its daemon says.
 
     ``lead``: the caller leads the target, so it takes the running jobs' claims and renews
     their leases. ``owner``: only look at running jobs claimed by this owner.
+    ``oom_seen``: whether the caller saw an ``oom`` event for a container (by name), for
+    daemons whose inspect does not report ``State.OOMKilled``.
     """
     done = Reconciled()
     for job_id in claims.stale_job_ids(host_id=target):
@@ -245,7 +248,8 @@ def reconcile(
     for job in jobs:
         if job.container_name in alive and following.deadline_of(job, now) > 0:
             continue
-        looked = _isolated(job, following.check, job, executor, remove, now)
+        oom = oom_seen is not None and oom_seen(job.container_name)
+        looked = _isolated(job, following.check, job, executor, remove, now, oom)
         if looked is following.Progress.FINISHED:
             done.finished += 1
     own = installation_id()
@@ -594,7 +598,12 @@ class Watcher:
             lead.executor = executor
             _close_stream(lead)
         done = reconcile(
-            lead.target, self.watcher_id, lead.executor, lead=True, remove=self._remove_later
+            lead.target,
+            self.watcher_id,
+            lead.executor,
+            lead=True,
+            remove=self._remove_later,
+            oom_seen=self._oom_seen.__contains__,
         )
         if done.finished or done.rescued or done.stopped:
             logger.info(

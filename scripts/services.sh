@@ -14,6 +14,8 @@
 #   DOCKER_HOST       unix:///var/run/docker.sock
 #   DCC_DOCKER2_HOST  unix:///var/run/dcc-docker2.sock       (the second daemon)
 #   DCC_TEST_IMAGE    dcc-test-busybox:latest
+#   DCC_SERVICES_LOCK_WAIT  600   seconds to wait for another run of this script
+#                                 (/tmp/dcc-services.lock) before failing
 #
 # Docker notes:
 #   * Only Debian's client /usr/bin/docker is used (a different build may sit at
@@ -33,14 +35,27 @@
 #   * docker2 is a second dockerd beside the first, for the tests where hosts
 #     matter (one host failing while another serves): its own socket
 #     (DCC_DOCKER2_HOST), data root /var/lib/dcc-docker2, exec root
-#     /var/run/dcc-docker2 (where it starts its own containerd) and pid file
-#     /var/run/dcc-docker2.pid, the first daemon's flags plus --live-restore, and
-#     its own copy of the test image (images are per daemon). `stop-docker2`
-#     signals only the PID in that pid file and waits for it to exit.
-#     Checked on Debian 12 with docker.io 20.10.24: each daemon starts its own
-#     containerd under its exec root, both run `--network none` containers at the
-#     same time, and a container started on docker2 runs on through
-#     `stop-docker2` and `docker2` (started once, exit code kept).
+#     /var/run/dcc-docker2, pid file /var/run/dcc-docker2.pid and containerd
+#     namespaces (dcc-docker2, dcc-docker2-plugins), the first daemon's flags plus
+#     --live-restore, and its own copy of the test image (images are per daemon).
+#   * containerd: dockerd 20.10 starts a containerd of its own, under its exec
+#     root, only when nothing exists at /run/containerd/containerd.sock; when a
+#     system containerd listens there, both daemons use it, and their containerd
+#     namespaces keep their containers apart (the first daemon's are the default
+#     moby and plugins.moby).
+#   * Pid files: a daemon's pid file counts only while the process it names is the
+#     dockerd started with that very pid file, as its command line in
+#     /proc/PID/cmdline shows (the first daemon: no --pidfile, or this one). A file
+#     naming anything else (PIDs are reused, by another dockerd too) is stale: it is
+#     never signalled, and the file is removed before a start (dockerd 20.10
+#     refuses to start while its pid file names any live process).
+#     `stop-docker2` signals only the second daemon so found, and waits for it to
+#     exit.
+#     Checked on Debian 12 with docker.io 20.10.24, no system containerd: each
+#     daemon starts its own containerd under its exec root, both run
+#     `--network none` containers at the same time, and a container started on
+#     docker2 runs on through `stop-docker2` and `docker2` (started once, exit code
+#     kept).
 #
 # Logs: /tmp/dcc-dockerd.log, /tmp/dcc-dockerd2.log (both appended to at each start),
 #       /tmp/dcc-redis-PORT.log, /tmp/dcc-apt.log,
@@ -65,6 +80,7 @@ DOCKERD2_DATA_ROOT=/var/lib/dcc-docker2
 DOCKERD2_EXEC_ROOT=/var/run/dcc-docker2
 APT_LOG=/tmp/dcc-apt.log
 LOCK_FILE=/tmp/dcc-services.lock
+LOCK_WAIT="${DCC_SERVICES_LOCK_WAIT:-600}"
 # Bump when the root filesystem below changes: images built by an older
 # version of this script are rebuilt.
 IMAGE_RECIPE_VERSION=1
@@ -380,12 +396,59 @@ proc_alive() {
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
-# dockerd_running_pid [PIDFILE]  prints the PID of the live dockerd the pid file names
+# dockerd_pidfile_of PID  prints the pid file the process was started with, read from
+# its command line: the --pidfile / -p argument, else dockerd's default
+# /var/run/docker.pid. Fails when the command line cannot be read (no such process).
+dockerd_pidfile_of() {
+    local arg next=0 pidfile=/var/run/docker.pid args=()
+    mapfile -d '' -t args 2>/dev/null <"/proc/$1/cmdline" || return 1
+    [ "${#args[@]}" -gt 0 ] || return 1
+    for arg in "${args[@]:1}"; do
+        if [ "$next" -eq 1 ]; then
+            pidfile="$arg" next=0
+            continue
+        fi
+        case "$arg" in
+            --) break ;;
+            --pidfile | -p) next=1 ;;
+            --pidfile=*) pidfile="${arg#--pidfile=}" ;;
+            -p=*) pidfile="${arg#-p=}" ;;
+            -p?*) pidfile="${arg#-p}" ;;
+        esac
+    done
+    printf '%s\n' "$pidfile"
+}
+
+# is_dockerd_of PID PIDFILE  whether PID is a live dockerd started with that pid file
+# (paths compared after resolving symlinks: /var/run is /run).
+is_dockerd_of() {
+    local pid="$1" pidfile="$2" own
+    proc_alive "$pid" || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 1
+    own="$(dockerd_pidfile_of "$pid")" || return 1
+    [ "$(readlink -m "$own")" = "$(readlink -m "$pidfile")" ]
+}
+
+# dockerd_running_pid PIDFILE  prints the PID the pid file names, if that is the live
+# dockerd which writes this pid file; fails otherwise (no file, or a stale one).
 dockerd_running_pid() {
-    local pidfile="${1:-/var/run/docker.pid}" pid
+    local pidfile="$1" pid
     pid="$(cat "$pidfile" 2>/dev/null)" || return 1
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && proc_alive "$pid" \
-        && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] && echo "$pid"
+    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
+    is_dockerd_of "$pid" "$pidfile" && echo "$pid"
+}
+
+# pidfile_stale_note PIDFILE  describes what a stale pid file names, for the log.
+pidfile_stale_note() {
+    local pid comm
+    pid="$(head -c 32 "$1" 2>/dev/null | tr -cd '0-9')"
+    [ -n "$pid" ] || { echo "no PID"; return 0; }
+    if [ -e "/proc/$pid" ]; then
+        comm="$(cat "/proc/$pid/comm" 2>/dev/null)"
+        echo "pid $pid, a live ${comm:-process} not started with this pid file"
+    else
+        echo "pid $pid, not running"
+    fi
 }
 
 # dockerd_start SERVICE PIDFILE LOGFILE [DOCKERD ARG...]
@@ -397,6 +460,10 @@ dockerd_start() {
     if pid="$(dockerd_running_pid "$pidfile")"; then
         log "$service: dockerd already running (pid $pid), waiting for it"
     else
+        if [ -e "$pidfile" ]; then
+            log "$service: removing stale pid file $pidfile ($(pidfile_stale_note "$pidfile"))"
+            rm -f "$pidfile" || fail "$service" "cannot remove the stale pid file $pidfile"
+        fi
         log "$service: starting dockerd (log $logfile)"
         printf '\n---- services: dockerd started %s ----\n' "$(date -u +%FT%TZ)" >>"$logfile"
         setsid /usr/sbin/dockerd "$@" "${DOCKERD_FLAGS[@]}" >>"$logfile" 2>&1 </dev/null 9>&- &
@@ -605,12 +672,15 @@ docker2_start() {
         [ -x /usr/sbin/dockerd ] || apt_install docker2 docker.io
         [ -x /usr/sbin/dockerd ] || fail docker2 "/usr/sbin/dockerd is still missing after installing docker.io"
         if ! have_cli && ! command -v curl >/dev/null; then apt_install docker2 curl; fi
-        # Its own exec root also gives it its own containerd (started under it), so
-        # the two daemons share no state; without iptables and a bridge they share no
-        # network setup either.
+        # Its own exec root gives it its own containerd only while no system
+        # containerd listens at /run/containerd/containerd.sock (see the header); its
+        # own containerd namespaces keep its containers apart from the first daemon's
+        # either way. Without iptables and a bridge they share no network setup.
         dockerd_start docker2 "$DOCKERD2_PIDFILE" "$DOCKERD2_LOG" -H "$DOCKER_HOST" \
             --data-root "$DOCKERD2_DATA_ROOT" --exec-root "$DOCKERD2_EXEC_ROOT" \
-            --pidfile "$DOCKERD2_PIDFILE" --live-restore
+            --pidfile "$DOCKERD2_PIDFILE" \
+            --containerd-namespace dcc-docker2 --containerd-plugins-namespace dcc-docker2-plugins \
+            --live-restore
     fi
     image_ensure docker2
 }
@@ -623,13 +693,17 @@ ensure_docker2() {
 stop_docker2() {
     local pid
     if ! pid="$(dockerd_running_pid "$DOCKERD2_PIDFILE")"; then
-        log "docker2: not running (no live dockerd in $DOCKERD2_PIDFILE)"
+        if [ -e "$DOCKERD2_PIDFILE" ]; then
+            log "docker2: not running (stale $DOCKERD2_PIDFILE: $(pidfile_stale_note "$DOCKERD2_PIDFILE"); nothing signalled)"
+        else
+            log "docker2: not running (no $DOCKERD2_PIDFILE)"
+        fi
         return 0
     fi
     log "docker2: stopping dockerd (pid $pid); its containers keep running (live-restore)"
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 120); do
-        if ! proc_alive "$pid" || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != dockerd ]; then
+        if ! is_dockerd_of "$pid" "$DOCKERD2_PIDFILE"; then
             log "docker2: stopped"
             return 0
         fi
@@ -702,37 +776,47 @@ usage() {
 take_lock() {
     command -v flock >/dev/null || return 0
     exec 9>"$LOCK_FILE"
-    flock -w 600 9 || fail services "could not take $LOCK_FILE within 600 s (another run is stuck?)"
+    case "$LOCK_WAIT" in
+        '' | *[!0-9]*) fail services "DCC_SERVICES_LOCK_WAIT must be a number of seconds (got '$LOCK_WAIT')" ;;
+    esac
+    flock -w "$LOCK_WAIT" 9 \
+        || fail services "could not take $LOCK_FILE within $LOCK_WAIT s (another run is stuck?)"
 }
 
-command -v python3 >/dev/null || fail services "python3 is needed to parse the service URLs"
+main() {
+    command -v python3 >/dev/null || fail services "python3 is needed to parse the service URLs"
+    local cmd="${1:-}" rc
+    [ "$#" -le 1 ] || usage
+    case "$cmd" in
+        all)
+            take_lock
+            ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_docker2
+            ensure_browser; ensure_faketime
+            ;;
+        browser) take_lock; ensure_browser ;;
+        faketime) take_lock; ensure_faketime ;;
+        postgres) take_lock; ensure_postgres ;;
+        redis) take_lock; ensure_redis ;;
+        docker) take_lock; ensure_docker ;;
+        image) take_lock; ensure_image ;;
+        docker2) take_lock; ensure_docker2 ;;
+        stop-docker2) take_lock; stop_docker2 ;;
+        status)
+            rc=0
+            status_postgres || rc=1
+            status_redis || rc=1
+            status_docker || rc=1
+            status_image || rc=1
+            status_docker2 || rc=1
+            status_browser || rc=1
+            status_faketime || rc=1
+            exit "$rc"
+            ;;
+        *) usage ;;
+    esac
+}
 
-cmd="${1:-}"
-[ "$#" -le 1 ] || usage
-case "$cmd" in
-    all)
-        take_lock
-        ensure_postgres; ensure_redis; ensure_docker; ensure_image; ensure_docker2
-        ensure_browser; ensure_faketime
-        ;;
-    browser) take_lock; ensure_browser ;;
-    faketime) take_lock; ensure_faketime ;;
-    postgres) take_lock; ensure_postgres ;;
-    redis) take_lock; ensure_redis ;;
-    docker) take_lock; ensure_docker ;;
-    image) take_lock; ensure_image ;;
-    docker2) take_lock; ensure_docker2 ;;
-    stop-docker2) take_lock; stop_docker2 ;;
-    status)
-        rc=0
-        status_postgres || rc=1
-        status_redis || rc=1
-        status_docker || rc=1
-        status_image || rc=1
-        status_docker2 || rc=1
-        status_browser || rc=1
-        status_faketime || rc=1
-        exit "$rc"
-        ;;
-    *) usage ;;
-esac
+# Run as a script; sourced (to call its functions with other paths), it only defines them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

@@ -10,12 +10,15 @@ Two kinds:
 * The one ``scripts/services.sh docker2`` starts (``make test`` runs it), with the same
   flags, at ``DCC_DOCKER2_HOST``: ``services_second_daemon`` checks it answers, and
   ``stop_second_daemon`` / ``start_second_daemon`` stop and start it through that script,
-  which signals only the PID in its own pid file.
+  which signals only the dockerd its pid file names and that was started with that pid
+  file. A test that stops it holds ``second_daemon_exclusive`` throughout, so that two
+  suites on one machine never stop it under each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -36,6 +39,12 @@ SERVICES = ROOT / "scripts" / "services.sh"
 # The second daemon's socket: services.sh reads the same variable, with the same default.
 SECOND_DAEMON_URL = os.environ.get("DCC_DOCKER2_HOST", "unix:///var/run/dcc-docker2.sock")
 SECOND_DAEMON_LOG = Path("/tmp/dcc-dockerd2.log")
+# Held by a test for as long as it may stop the second daemon.
+SECOND_DAEMON_TEST_LOCK = Path("/tmp/dcc-docker2-test.lock")
+# A call of the script may wait this long for another run of it (its lock), and is
+# given this long in all: the wait stays well inside the call's own time.
+SERVICES_LOCK_WAIT = 120
+SERVICES_TIMEOUT = 300
 
 
 class SecondDaemon:
@@ -180,16 +189,51 @@ def second_daemon_log_tail(lines: int = 30) -> str:
         return ""
 
 
+@contextlib.contextmanager
+def second_daemon_exclusive(timeout: float = 300) -> Iterator[None]:
+    """Hold the lock on the services' second daemon (``flock`` on
+    ``/tmp/dcc-docker2-test.lock``), waiting up to ``timeout`` seconds for another
+    suite's test to let it go. Released when the block ends, or when the process does."""
+    with open(SECOND_DAEMON_TEST_LOCK, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    pytest.fail(
+                        f"{SECOND_DAEMON_TEST_LOCK} is still held by another test after "
+                        f"{timeout:.0f} s (another suite stopping the second daemon?)",
+                        pytrace=False,
+                    )
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _services(step: str) -> str:
-    env = dict(os.environ, DCC_DOCKER2_HOST=SECOND_DAEMON_URL)
-    done = subprocess.run(
-        ["bash", str(SERVICES), step],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=300,
+    env = dict(
+        os.environ,
+        DCC_DOCKER2_HOST=SECOND_DAEMON_URL,
+        DCC_SERVICES_LOCK_WAIT=str(SERVICES_LOCK_WAIT),
     )
+    try:
+        done = subprocess.run(
+            ["bash", str(SERVICES), step],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=SERVICES_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        output = ((exc.stdout or b"") + (exc.stderr or b"")).decode(errors="replace")
+        raise AssertionError(
+            f"bash scripts/services.sh {step} did not end within {SERVICES_TIMEOUT} s:\n{output}"
+        ) from None
     output = (done.stdout + done.stderr).decode(errors="replace")
     if done.returncode != 0:
         raise AssertionError(
@@ -200,8 +244,8 @@ def _services(step: str) -> str:
 
 def stop_second_daemon() -> None:
     """Stop the services' second daemon (``bash scripts/services.sh stop-docker2``: SIGTERM
-    to the PID in its pid file, waiting until it has exited). With live-restore its
-    containers run on."""
+    to the dockerd its pid file names, once its command line shows it is that daemon,
+    waiting until it has exited). With live-restore its containers run on."""
     _services("stop-docker2")
 
 

@@ -211,6 +211,47 @@ def test_the_lane_form_never_writes_the_switch(lane_editor: Client) -> None:
     assert lane.max_concurrent_jobs == 4
 
 
+def test_a_lane_that_waiting_jobs_name_cannot_be_deleted(client_with: ClientFactory) -> None:
+    deleter = client_with("view_lane", "delete_lane")
+    lane = Lane.objects.create(name="reports", max_concurrent_jobs=1)
+    lanes.pause(["reports"], by="on-call")
+    make_job(lane="reports", status=Status.QUEUED, queued_at=timezone.now())
+    make_job(lane="reports", status=Status.COMPLETED)
+    delete = reverse(f"admin:{APP}_lane_delete", args=[lane.pk])
+    refused = "lane reports: 1 job not final names it"
+
+    assert refused in deleter.get(delete).content.decode()
+    response = deleter.post(delete, {"post": "yes"})
+    assert response.status_code == 200
+    assert refused in response.content.decode()
+    assert Lane.objects.filter(name="reports", is_paused=True).exists()
+
+    # A failed job whose container may still run (stop_pending) is not final either.
+    stuck = Lane.objects.create(name="stuck")
+    make_job(lane="stuck", status=Status.FAILED, stop_pending=True)
+    selected = [str(lane.pk), str(stuck.pk)]
+    data = {"action": "delete_selected", "_selected_action": selected, "post": "yes"}
+    response = deleter.post(reverse(LANES), data)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert refused in page and "lane stuck: 1 job not final names it" in page
+    assert set(Lane.objects.values_list("name", flat=True)) == {"reports", "stuck"}
+    assert Lane.objects.get(name="reports").is_paused
+
+
+def test_a_lane_no_job_waits_in_can_be_deleted(client_with: ClientFactory) -> None:
+    deleter = client_with("view_lane", "delete_lane")
+    unused = Lane.objects.create(name="unused")
+    done = Lane.objects.create(name="done")
+    make_job(lane="done", status=Status.COMPLETED)
+    make_job(lane="done", status=Status.CANCELLED)
+    delete = reverse(f"admin:{APP}_lane_delete", args=[unused.pk])
+    assert deleter.post(delete, {"post": "yes"}).status_code == 302
+    data = {"action": "delete_selected", "_selected_action": [str(done.pk)], "post": "yes"}
+    assert deleter.post(reverse(LANES), data).status_code == 302
+    assert not Lane.objects.filter(name__in=["unused", "done"]).exists()
+
+
 # -- host health ----------------------------------------------------------------------------
 
 

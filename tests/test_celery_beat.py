@@ -179,7 +179,9 @@ def test_retry_after_back_off_until_max_retries(broker_url: str, test_image: str
             snapshots.append(snap)
         return row.is_final
 
-    with celery_cluster(broker_url) as cluster:
+    # Health would mark the host unhealthy after a few failed calls, and a job pinned to
+    # an unhealthy host waits for it (test_controls.py); here the retries are under test.
+    with celery_cluster(broker_url, HOST_FAILURES_BEFORE_UNHEALTHY=1000) as cluster:
         cluster.worker("w1", concurrency=2)
         cluster.beat()
         job.delay()

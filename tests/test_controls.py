@@ -224,3 +224,53 @@ def test_per_host_queues_leave_an_unhealthy_hosts_jobs_waiting(settings: Any) ->
     ExecutorHost.objects.filter(pk=sick.pk).update(unhealthy_since=None)
     job = claims.claim_next("w", route_of=pinned.pk)
     assert job is not None and job.pk == pinned.pk
+
+
+def test_queueing_a_failed_job_again_clears_its_attention_mark(qm: JobQueueManager) -> None:
+    job = queued()
+    ContainerJob.objects.filter(pk=job.pk).update(
+        status=Status.FAILED, needs_attention=True, attempts_without_outcome=3
+    )
+    job.refresh_from_db()
+    qm.queue_job(job)
+    job.refresh_from_db()
+    assert (job.status, job.needs_attention, job.attempts_without_outcome) == (
+        Status.QUEUED,
+        False,
+        0,
+    )
+
+
+def test_a_stale_instance_does_not_put_back_a_raised_memory_limit() -> None:
+    job = queued(memory_limit=16)
+    stale = ContainerJob.objects.get(pk=job.pk)
+    # What an out-of-memory retry writes in its transition.
+    ContainerJob.objects.filter(pk=job.pk).update(memory_limit=32)
+    stale.description = "edited"
+    stale.save()
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.memory_limit, row.description, stale.memory_limit) == (32, "edited", 32)
+    stale.memory_limit = 64  # a change made on the instance is written
+    stale.save()
+    assert ContainerJob.objects.get(pk=job.pk).memory_limit == 64
+
+
+def test_a_lane_with_one_place_reserves_one_host() -> None:
+    for name in ("a", "b"):
+        ExecutorHost.objects.create(name=name, max_concurrent_jobs=5, memory_capacity_mb=1000)
+    Lane.objects.create(name="one", max_concurrent_jobs=1)
+    fillers = [queued(priority=99, memory_limit=600) for _ in range(2)]
+    assert claimed_ids() == [job.pk for job in fillers]
+    # Both would reserve a host each; the lane lets only one of them start.
+    queued(priority=90, lane="one", memory_limit=900)
+    queued(priority=90, lane="one", memory_limit=900)
+    small = queued(priority=10, memory_limit=100)
+    assert claimed_ids() == [small.pk]
+
+
+def test_why_waiting_says_unhealthy_not_full() -> None:
+    sick = ExecutorHost.objects.create(name="sick", unhealthy_since=timezone.now())
+    pinned = queued(docker_host=sick)
+    lines = placement.why_waiting(pinned)
+    assert any("unhealthy since" in line for line in lines)
+    assert not any("full" in line for line in lines), lines

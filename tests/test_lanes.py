@@ -131,7 +131,10 @@ def test_a_paused_lane_starts_nothing_and_resumed_runs_by_priority(
             job.delay()
         for job in runners:
             wait_running(job)
-        # Ten more of the lane, distinct priorities queued in no order: the lane is full,
+        # Paused while its two jobs run (each for 4 s), before anything else is queued.
+        assert lanes.pause(["reports"], by="test") == 1
+        assert statuses(runners) == [Status.RUNNING] * 2, "a runner ended before the pause"
+        # Ten more of the lane, distinct priorities queued in no order: the lane is paused,
         # so they wait.
         priorities = [30, 70, 10, 90, 50, 20, 80, 40, 60, 0]
         waiters = [
@@ -141,9 +144,7 @@ def test_a_paused_lane_starts_nothing_and_resumed_runs_by_priority(
         with transaction.atomic():
             for job in waiters:
                 job.delay()
-        assert lanes.pause(["reports"], by="test") == 1
         queued_at = {row.pk: row.queued_at for row in rows(waiters)}
-        assert statuses(runners) == [Status.RUNNING] * 2, "a runner ended before the pause"
         assert events.started(waiters) == []
         assert statuses(waiters) == [Status.QUEUED] * 10
 

@@ -21,6 +21,8 @@ from django_container_celery.executors import (
     reset_memory_executor,
 )
 
+from .celery_support import wait_for
+
 
 def spec_for(job: str = "job-1", attempt: int = 1) -> ContainerSpec:
     return ContainerSpec(
@@ -94,10 +96,16 @@ def test_a_run_needing_more_memory_than_its_limit_is_killed_for_it() -> None:
         roomy.name: (3, False),
         unlimited.name: (3, False),
     }
-    time.sleep(0.2)
+
+    def seen_now() -> list[tuple[str, str]]:
+        return [(e.action, e.name) for e in list(events)]
+
+    # Each container's exit is its last event: once all three are seen, so is any kill.
+    ended = {("die", spec.name) for spec in (small, roomy, unlimited)}
+    wait_for(lambda: ended <= set(seen_now()), 5, interval=0.02, message="an exit was not reported")
     stream.close()
     reader.join(2)
-    seen = [(e.action, e.name) for e in events]
+    seen = seen_now()
     # Docker's order: the kernel's kill, then the container's exit.
     assert seen.index(("oom", small.name)) + 1 == seen.index(("die", small.name))
     assert {name for action, name in seen if action == "oom"} == {small.name}

@@ -201,6 +201,9 @@ class ExecutorHostAdmin(ActionPermissionMixin, admin.ModelAdmin):
                 _("failing: %(count)s in a row") % {"count": host.failures_in_row},
             )
         if host.unreachable_since is not None:
+            # Never written alone since failures are counted (health.record_failure sets
+            # both, record_success clears both); only a row marked by an older version,
+            # before migration 0007, shows this, until the host's next probe.
             return format_html(
                 '<span class="dcc-host-down" title="{}">{}</span>',
                 _("Running jobs stay running until the daemon answers or they are cancelled."),

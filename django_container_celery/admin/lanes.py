@@ -3,16 +3,20 @@
 Pausing and resuming are actions of their own, guarded by the ``pause_lane`` permission
 rather than by the change permission: an operator on call may stop a lane without being
 allowed to change its limit. The switch fields are never part of the form.
+
+A lane that jobs not yet final still name cannot be deleted: without its row those jobs
+would be held by neither its pause nor its limit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html
@@ -21,8 +25,8 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from .. import lanes
-from ..models import Lane
+from .. import lanes, states
+from ..models import ContainerJob, Lane
 from .common import CSS, ActionPermissionMixin, clip, short_when
 
 
@@ -82,6 +86,36 @@ class LaneAdmin(ActionPermissionMixin, admin.ModelAdmin):
 
     def has_pause_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm(f"{self.opts.app_label}.pause_lane")
+
+    def get_deleted_objects(
+        self, objs: Sequence[Lane] | QuerySet[Lane], request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, int], set[str], list[Any]]:
+        """Django's answer, with every lane that jobs not yet final name as protected: the
+        delete page and the ``delete_selected`` action then refuse and say why."""
+        deleted, model_count, perms_needed, protected = super().get_deleted_objects(objs, request)
+        names = sorted({lane.name for lane in objs})
+        not_final = Q(status__in=sorted(states.WAITING | states.ACTIVE)) | Q(stop_pending=True)
+        in_use = dict(
+            ContainerJob.objects.filter(lane__in=names)
+            .filter(not_final)
+            .order_by()
+            .values("lane")
+            .annotate(n=Count("pk"))
+            .values_list("lane", "n")
+        )
+        protected = list(protected)
+        for name in names:
+            if in_use.get(name):
+                count = int(in_use[name])
+                protected.append(
+                    ngettext(
+                        "lane %(name)s: %(count)d job not final names it",
+                        "lane %(name)s: %(count)d jobs not final name it",
+                        count,
+                    )
+                    % {"name": name, "count": count}
+                )
+        return deleted, model_count, perms_needed, protected
 
     # -- columns ------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='containerjob',
             name='attempts_without_outcome',
-            field=models.PositiveIntegerField(default=0, help_text='Attempts that ended without an outcome: the container vanished, the host was lost during the launch, or finishing kept failing. At MAX_ATTEMPTS_WITHOUT_OUTCOME the job fails and needs attention.'),
+            field=models.PositiveIntegerField(default=0, help_text='Attempts that ended without an outcome: the container vanished (removed from outside, or lost with its host) or finishing kept failing. At MAX_ATTEMPTS_WITHOUT_OUTCOME the job fails and needs attention.'),
         ),
         migrations.AddField(
             model_name='containerjob',
