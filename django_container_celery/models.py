@@ -59,6 +59,20 @@ def check_constraint(condition: Q, name: str) -> models.CheckConstraint:
     return models.CheckConstraint(name=name, **options)
 
 
+def _keep_out_of_plain_save(
+    instance: models.Model, kept_out: Collection[str], kwargs: dict[str, Any]
+) -> None:
+    """Make a plain ``save()`` of an existing row write every column but ``kept_out``:
+    columns written by their own conditional UPDATEs, which a stale instance must not undo."""
+    if instance._state.adding or kwargs.get("update_fields") is not None:
+        return
+    kwargs["update_fields"] = [
+        field.name
+        for field in instance._meta.concrete_fields
+        if not field.primary_key and field.name not in kept_out
+    ]
+
+
 class ExecutorHost(models.Model):
     """A Docker daemon that runs jobs, with its capacity."""
 
@@ -156,12 +170,7 @@ class ExecutorHost(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         # The health fields are the engine's: a form saving a row it loaded earlier must not
         # write back stale values.
-        if not self._state.adding and kwargs.get("update_fields") is None:
-            kwargs["update_fields"] = [
-                field.name
-                for field in self._meta.concrete_fields
-                if not field.primary_key and field.name not in self.ENGINE_FIELDS
-            ]
+        _keep_out_of_plain_save(self, self.ENGINE_FIELDS, kwargs)
         super().save(*args, **kwargs)
 
     @property
@@ -217,12 +226,7 @@ class Lane(models.Model):
         return self.name
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        if not self._state.adding and kwargs.get("update_fields") is None:
-            kwargs["update_fields"] = [
-                field.name
-                for field in self._meta.concrete_fields
-                if not field.primary_key and field.name not in self.SWITCH_FIELDS
-            ]
+        _keep_out_of_plain_save(self, self.SWITCH_FIELDS, kwargs)
         super().save(*args, **kwargs)
 
     def holding_count(self) -> int:
