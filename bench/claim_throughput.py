@@ -116,7 +116,8 @@ def load_rows(count: int) -> None:
                 retry_strategy, retry_exit_codes, claimed_by, claimed_at, lease_expires_at,
                 attempt, dispatched_at, execution_id, exit_code, started_at, completed_at,
                 stdout_log, stderr_log, celery_task_id, created_by_id, assigned_host_id,
-                docker_host_id, stop_pending
+                docker_host_id, stop_pending, takeover_count, lane, memory_retry_factor,
+                attempts_without_outcome, needs_attention
             )
             SELECT
                 gen_random_uuid(), 'bench-' || g, '', 'busybox:latest', 'true', '',
@@ -127,7 +128,8 @@ def load_rows(count: int) -> None:
                 '', '[]'::jsonb, '', NULL, NULL,
                 0, NULL, '', NULL, NULL, NULL,
                 '', '', '', NULL, NULL,
-                NULL, false
+                NULL, false, 0, '', NULL,
+                0, false
             FROM generate_series(1, %s) AS g
             """,
             [count],

@@ -116,7 +116,8 @@ INSERT INTO {jobs} (
     last_error_at, retry_strategy, retry_exit_codes, claimed_by, claimed_at,
     lease_expires_at, attempt, assigned_host_id, docker_host_id, dispatched_at,
     execution_id, exit_code, started_at, completed_at, stdout_log, stderr_log,
-    celery_task_id, stop_pending, takeover_count
+    celery_task_id, stop_pending, takeover_count, lane, memory_retry_factor,
+    attempts_without_outcome, needs_attention
 )
 SELECT
     gen_random_uuid(),
@@ -164,7 +165,11 @@ SELECT
     '',
     '',
     status = 'failed' AND i %% 50 = 0,
-    CASE WHEN i %% 97 = 0 THEN 1 ELSE 0 END
+    CASE WHEN i %% 97 = 0 THEN 1 ELSE 0 END,
+    '',
+    NULL,
+    0,
+    false
 FROM g
 """
 
