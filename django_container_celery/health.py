@@ -86,16 +86,21 @@ def record_failure(host_id: Any, error: BaseException | str) -> None:
 
 
 def record_success(host_id: Any) -> bool:
-    """A call to the host's daemon succeeded: clear its failures, in one conditional
-    UPDATE that matches nothing (and writes nothing) while the host is healthy. True when
-    there was something to clear."""
+    """A call to the host's daemon succeeded: clear its failures (a read, and a
+    conditional UPDATE only when there is something to clear). True when there was."""
     if host_id is None:
         return False
-    failing = Q(failures_in_row__gt=0) | Q(unhealthy_since__isnull=False)
-    cleared = (
-        ExecutorHost.objects.filter(pk=host_id)
-        .filter(failing | Q(unreachable_since__isnull=False))
-        .update(failures_in_row=0, unhealthy_since=None, unreachable_since=None, health_error="")
+    failing = ExecutorHost.objects.filter(pk=host_id).filter(
+        Q(failures_in_row__gt=0)
+        | Q(unhealthy_since__isnull=False)
+        | Q(unreachable_since__isnull=False)
+    )
+    # Read first: on SQLite even an UPDATE that matches nothing takes the write lock, and
+    # a healthy host is the common case of every launch.
+    if not failing.exists():
+        return False
+    cleared = failing.update(
+        failures_in_row=0, unhealthy_since=None, unreachable_since=None, health_error=""
     )
     if cleared:
         logger.info("host %s answers again", host_id)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from . import health, states
@@ -142,8 +142,13 @@ def launch_claimed(
 def _host_answered(job: ContainerJob) -> None:
     """A launch that reached the daemon clears its host's failures, including those that
     other launches recorded while this one was starting."""
-    if job.assigned_host_id is not None:
+    if job.assigned_host_id is None:
+        return
+    try:
         health.record_success(job.assigned_host_id)
+    except DatabaseError:
+        # The host's health is a report: it must never cost the launch its running state.
+        logger.warning("job %s: could not record its host's success", job.pk, exc_info=True)
 
 
 def _replace_unstarted(job: ContainerJob, executor: Executor, name: str) -> bool:

@@ -606,7 +606,12 @@ class ContainerJob(models.Model):
             super().save(using=db, update_fields=fields, **options)
         if update_fields is None:
             self._take_engine_state(row, written=fields)
-        self._remember_engine_state(None if update_fields is None else fields)
+        # A raised field this save wrote is not recorded as read: were the caller's
+        # transaction rolled back, the next save must still see it as changed and write it.
+        tracked = _tracked_attnames(type(self)) if update_fields is None else fields
+        self._remember_engine_state(
+            [name for name in tracked if not (name in self.RAISED_BY_ENGINE and name in fields)]
+        )
 
     def clean_fields(self, exclude: Collection[str] | None = None) -> None:
         """Django's checks of each field, after refusing the definition values that its

@@ -274,3 +274,18 @@ def test_why_waiting_says_unhealthy_not_full() -> None:
     lines = placement.why_waiting(pinned)
     assert any("unhealthy since" in line for line in lines)
     assert not any("full" in line for line in lines), lines
+
+
+def test_a_memory_limit_change_rolled_back_is_written_by_the_next_save() -> None:
+    from django.db import transaction
+
+    job = queued(memory_limit=100)
+    job.memory_limit = 150
+    with pytest.raises(RuntimeError), transaction.atomic():
+        job.save()
+        raise RuntimeError("the caller's transaction fails after the save")
+    assert ContainerJob.objects.get(pk=job.pk).memory_limit == 100
+    job.description = "again"
+    job.save()
+    row = ContainerJob.objects.get(pk=job.pk)
+    assert (row.memory_limit, job.memory_limit) == (150, 150)
